@@ -1,0 +1,184 @@
+"""Adapter files: ``adapter.safetensors`` (the k values per matrix, plus densely trained modules) and
+``adapter_config.json`` (seed, mask_version, targets, per-key shape and k, dtype, base model). No indices:
+they are rebuilt from the seed. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from spra_dist.atomic import atomic_directory, sha256_file
+from spra_dist.config import SpraConfig
+from spra_dist.masks import MASK_VERSION, SUPPORTED_MASK_VERSIONS
+from spra_dist.model import apply_spra, dense_parameter_names, replace_module, spra_modules
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "spra_dist.adapter"
+FORMAT_VERSION = 1
+
+# Config entries that differ between copies of the same base model (paths, dtype, runtime switches).
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "problem_type",
+    "_commit_hash", "quantization_config", "gradient_checkpointing",
+}
+
+
+def base_model_info(model: nn.Module) -> dict:
+    """What an adapter records of its base: name, class, full config, and a fingerprint of the config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {"name_or_path": None, "class": type(model).__name__, "config": None, "config_fingerprint": None}
+    d = config.to_dict()
+    stable = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"name_or_path": getattr(config, "_name_or_path", None) or None, "class": type(model).__name__,
+            "config": json.loads(json.dumps(d, default=str)), "config_fingerprint": digest}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors, keyed by unwrapped names: ``<module>.spra_values`` and dense parameters."""
+    state = {f"{name}.spra_values": m.spra_values.detach() for name, m in spra_modules(model)}
+    params = dict(model.named_parameters())
+    for name in dense_parameter_names(model):
+        state[name] = params[name].detach()
+    return state
+
+
+def adapter_config(model: nn.Module) -> dict:
+    cfg: SpraConfig = model.spra_config
+    mods = spra_modules(model)
+    params = dict(model.named_parameters())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mask_version": MASK_VERSION,
+        "seed": cfg.seed,
+        "spra_config": cfg.to_dict(),
+        "layers": {
+            name: {"shape": list(m.weight.shape), "k": m.k, "layout": "conv1d" if m.transposed else "linear"}
+            for name, m in mods
+        },
+        "dense_parameters": {n: list(params[n].shape) for n in dense_parameter_names(model)},
+        "dtype": str(mods[0][1].spra_values.dtype).removeprefix("torch.") if mods else None,
+        "total_k": sum(m.k for _, m in mods),
+        "base_model": base_model_info(model),
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``path``, atomically.
+
+    ``state`` lets a distributed caller pass values it has already gathered; by default they are read
+    from the model.
+    """
+    if not hasattr(model, "spra_config"):
+        raise ValueError(f"{type(model).__name__} has no SpaRA adapter: call apply_spra or load_adapter first")
+    state = adapter_state_dict(model) if state is None else state
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    config = adapter_config(model)
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "spra_format": FORMAT})
+        config["adapter_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory; ``ValueError`` naming the file and the problem."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise ValueError(f"{f} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the adapter is damaged, save it again") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not a spra_dist adapter config (format={config.get('format')!r})")
+    if config.get("mask_version") not in SUPPORTED_MASK_VERSIONS:
+        raise ValueError(
+            f"{cfg_file}: unknown mask_version {config.get('mask_version')!r}; this spra_dist knows "
+            f"{list(SUPPORTED_MASK_VERSIONS)}: upgrade spra_dist to load it"
+        )
+    expected = config.get("adapter_sha256")
+    if expected and sha256_file(weights) != expected:
+        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: truncated or modified")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for a bad header or short file
+        raise ValueError(f"{weights} is not a readable safetensors file ({e})") from e
+    return config, tensors
+
+
+def _check_base(model: nn.Module, config: dict, path: Path) -> None:
+    theirs = config.get("base_model") or {}
+    ours = base_model_info(model)
+    if theirs.get("config_fingerprint") and ours["config_fingerprint"] != theirs["config_fingerprint"]:
+        raise ValueError(
+            f"adapter {path} was trained on base {theirs.get('name_or_path')!r} "
+            f"(config fingerprint {theirs['config_fingerprint']}), but this model is "
+            f"{ours['name_or_path']!r} (fingerprint {ours['config_fingerprint']}): load the matching base, "
+            f"or pass check_base=False if the configs differ only in ways that don't matter"
+        )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
+    """Apply SpaRA to ``model`` as recorded in the adapter (unless already applied) and load its values."""
+    path = Path(path)
+    config, tensors = read_adapter(path)
+    if check_base:
+        _check_base(model, config, path)
+    if not hasattr(model, "spra_config"):
+        apply_spra(model, SpraConfig.from_dict(config["spra_config"]))
+    elif model.spra_config.seed != config["seed"]:
+        raise ValueError(f"model has SpaRA with seed {model.spra_config.seed}, adapter {path} has seed "
+                         f"{config['seed']}: load it into a plain base model instead")
+    mods = dict(spra_modules(model))
+    _check_layers(mods, config["layers"], path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.spra_values.copy_(tensors[f"{name}.spra_values"].to(m.spra_values.dtype))
+        for name, shape in config.get("dense_parameters", {}).items():
+            if name not in params or list(params[name].shape) != shape:
+                raise ValueError(f"adapter {path} has dense parameter {name} {shape}; the model has "
+                                 f"{list(params[name].shape) if name in params else 'none'}")
+            params[name].copy_(tensors[name].to(params[name].dtype))
+    return model
+
+
+def _check_layers(mods: dict, layers: dict, path: Path) -> None:
+    missing = sorted(set(layers) - set(mods))
+    extra = sorted(set(mods) - set(layers))
+    if missing or extra:
+        raise ValueError(
+            f"adapter {path} adapts layers the model doesn't match (missing in model: {missing[:3]}, "
+            f"not in adapter: {extra[:3]}): it was made for another architecture"
+        )
+    for name, m in mods.items():
+        want = layers[name]
+        if list(m.weight.shape) != want["shape"] or m.k != want["k"]:
+            raise ValueError(
+                f"adapter {path}: layer {name} has shape {want['shape']} and k={want['k']}, the model has "
+                f"{list(m.weight.shape)} and k={m.k}: the adapter belongs to a model of another shape"
+            )
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every delta into its weight and put plain ``nn.Linear`` / ``Conv1D`` modules back (in place)."""
+    for name, m in spra_modules(model):
+        replace_module(model, name, m.to_plain())
+    if hasattr(model, "spra_config"):
+        del model.spra_config
+    return model

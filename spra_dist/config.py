@@ -1,0 +1,69 @@
+"""SpraConfig: which matrices get a sparse random delta, how many entries each trains, and the mask seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpraConfig:
+    target_modules: str | list[str] = "all-linear"
+    """``"all-linear"`` (every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output head), or a list of
+    module-name suffixes (``"q_proj"``, ``"attention.self.query"``) or regular expressions matched against the
+    whole module name."""
+
+    lora_rank: int | None = 8
+    """Budget matched to LoRA of this rank: ``k = r * (n_in + n_out)`` per matrix, capped at its size."""
+
+    density: float | None = None
+    """Budget as a fraction of each matrix: ``k = round(density * numel)``. Set exactly one of the two."""
+
+    seed: int | None = None
+    """Mask seed. ``None``: drawn once at ``apply_spra`` (and agreed across ranks when distributed)."""
+
+    trainable_modules: list[str] = field(default_factory=list)
+    """Modules trained densely (a task head such as ``classifier``); never also adapted."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad value and the fix."""
+        if (self.lora_rank is None) == (self.density is None):
+            raise ValueError(
+                f"set exactly one of lora_rank and density (got lora_rank={self.lora_rank}, "
+                f"density={self.density}); e.g. lora_rank=8 or density=0.01 with the other null"
+            )
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) != self.lora_rank
+                                           or self.lora_rank <= 0):
+            raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank!r}; e.g. lora_rank=8")
+        if self.density is not None and not 0.0 < float(self.density) <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}; e.g. density=0.01 for 1%")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                raise ValueError(
+                    f"target_modules={self.target_modules!r}: give 'all-linear' or a list of module-name "
+                    f"suffixes / regexes, e.g. ['q_proj', 'v_proj']"
+                )
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        if isinstance(self.trainable_modules, str):
+            raise ValueError(
+                f"trainable_modules must be a list, got the string {self.trainable_modules!r}; "
+                f"write [{self.trainable_modules!r}]"
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or null, got {self.seed!r}")
+
+    def resolved(self) -> SpraConfig:
+        """A validated copy whose seed is set (drawn now when it was ``None``)."""
+        self.validate()
+        seed = self.seed if self.seed is not None else secrets.randbits(62)
+        return dataclasses.replace(self, seed=int(seed), trainable_modules=list(self.trainable_modules))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpraConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

