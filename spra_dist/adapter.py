@@ -126,9 +126,10 @@ def _check_base(model: nn.Module, config: dict, path: Path) -> None:
     ours = base_model_info(model)
     if theirs.get("config_fingerprint") and ours["config_fingerprint"] != theirs["config_fingerprint"]:
         raise ValueError(
-            f"adapter {path} was trained on base {theirs.get('name_or_path')!r} "
+            f"adapter {path} was trained on base {theirs.get('name_or_path') or theirs.get('class')!r} "
             f"(config fingerprint {theirs['config_fingerprint']}), but this model is "
-            f"{ours['name_or_path']!r} (fingerprint {ours['config_fingerprint']}): load the matching base, "
+            f"{ours['name_or_path'] or ours['class']!r} (fingerprint {ours['config_fingerprint']}): load the "
+            f"matching base, "
             f"or pass check_base=False if the configs differ only in ways that don't matter"
         )
 
