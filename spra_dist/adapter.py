@@ -65,7 +65,7 @@ def adapter_config(model: nn.Module) -> dict:
         "seed": cfg.seed,
         "spra_config": cfg.to_dict(),
         "layers": {
-            name: {"shape": list(m.weight.shape), "k": m.k, "layout": "conv1d" if m.transposed else "linear"}
+            name: {"shape": list(m.weight_shape), "k": m.k, "layout": "conv1d" if m.transposed else "linear"}
             for name, m in mods
         },
         "dense_parameters": {n: list(params[n].shape) for n in dense_parameter_names(model)},
@@ -169,10 +169,10 @@ def _check_layers(mods: dict, layers: dict, path: Path) -> None:
         )
     for name, m in mods.items():
         want = layers[name]
-        if list(m.weight.shape) != want["shape"] or m.k != want["k"]:
+        if list(m.weight_shape) != want["shape"] or m.k != want["k"]:
             raise ValueError(
                 f"adapter {path}: layer {name} has shape {want['shape']} and k={want['k']}, the model has "
-                f"{list(m.weight.shape)} and k={m.k}: the adapter belongs to a model of another shape"
+                f"{list(m.weight_shape)} and k={m.k}: the adapter belongs to a model of another shape"
             )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from dataclasses import dataclass, field
 
 
@@ -53,12 +52,6 @@ class SpraConfig:
             )
         if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or null, got {self.seed!r}")
-
-    def resolved(self) -> SpraConfig:
-        """A validated copy whose seed is set (drawn now when it was ``None``)."""
-        self.validate()
-        seed = self.seed if self.seed is not None else secrets.randbits(62)
-        return dataclasses.replace(self, seed=int(seed), trainable_modules=list(self.trainable_modules))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

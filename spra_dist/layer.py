@@ -137,7 +137,9 @@ class SpraLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        n_rows, n_cols = self.weight.shape
+        # Kept because ZeRO-3 replaces a partitioned weight's data with an empty tensor between uses.
+        self.weight_shape = tuple(self.weight.shape)
+        n_rows, n_cols = self.weight_shape
         self.in_features, self.out_features = (n_rows, n_cols) if self.transposed else (n_cols, n_rows)
         self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
         self.merged = False
@@ -149,7 +151,7 @@ class SpraLinear(nn.Module):
     def rebuild_indices(self) -> None:
         """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
         device = self.weight.device
-        idx = sample_indices(self.seed, self.spra_key, self.weight.numel(), self.k)
+        idx = sample_indices(self.seed, self.spra_key, self.weight_shape[0] * self.weight_shape[1], self.k)
         self.spra_indices = idx.to("meta" if device.type == "meta" else device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

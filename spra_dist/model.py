@@ -6,14 +6,16 @@ are the module names of the unwrapped model.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import torch.distributed as dist
 from torch import nn
 
 from spra_dist.config import SpraConfig
 from spra_dist.layer import SpraLinear, is_conv1d
+from spra_dist.distributed import agree_seed, check_masks
 from spra_dist.masks import budget
-from spra_dist.masks import fingerprint as _fingerprint
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -79,12 +81,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def apply_spra(model: nn.Module, cfg: SpraConfig) -> nn.Module:
+def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it: target linears become SpraLinear, everything else is frozen
-    except ``cfg.trainable_modules``. The resolved config (seed set) is kept as ``model.spra_config``."""
+    except ``cfg.trainable_modules``. The resolved config (seed set) is kept as ``model.spra_config``.
+
+    Under torch.distributed, call it on every rank of ``group`` (default: the world): rank 0's seed is
+    broadcast (drawn there when ``cfg.seed`` is None) and the ranks' mask fingerprints are compared.
+    """
     if any(isinstance(m, SpraLinear) for m in model.modules()):
         raise ValueError("this model already has SpaRA applied; use a fresh base model or load_adapter")
-    cfg = cfg.resolved()
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, seed=agree_seed(cfg.seed, group=group),
+                              trainable_modules=list(cfg.trainable_modules))
     targets = select_targets(model, cfg)
     dense = _dense_module_names(model, cfg.trainable_modules)
     for p in model.parameters():
@@ -97,6 +105,7 @@ def apply_spra(model: nn.Module, cfg: SpraConfig) -> nn.Module:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.spra_config = cfg
+    check_masks(model, group=group)
     return model
 
 
@@ -123,10 +132,3 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def dense_parameter_names(model: nn.Module) -> list[str]:
     """Trainable parameters that are not SpaRA values (the densely trained ``trainable_modules``)."""
     return [n for n, _ in trainable_parameters(model) if not n.endswith("spra_values")]
-
-
-def mask_fingerprint(model: nn.Module) -> int:
-    """64-bit fingerprint of every mask (key, shape, indices) and the config: equal iff masks agree."""
-    cfg = model.spra_config
-    entries = [(m.spra_key, tuple(m.weight.shape), m.spra_indices) for _, m in spra_modules(model)]
-    return _fingerprint(entries, config=repr(sorted(cfg.to_dict().items())))
