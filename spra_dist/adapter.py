@@ -16,6 +16,7 @@ from torch import nn
 
 from spra_dist.atomic import atomic_directory, sha256_file
 from spra_dist.config import SpraConfig
+from spra_dist.distributed import full_tensor, unwrap, world
 from spra_dist.masks import MASK_VERSION, SUPPORTED_MASK_VERSIONS
 from spra_dist.model import apply_spra, dense_parameter_names, replace_module, spra_modules
 
@@ -46,11 +47,15 @@ def base_model_info(model: nn.Module) -> dict:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors, keyed by unwrapped names: ``<module>.spra_values`` and dense parameters."""
-    state = {f"{name}.spra_values": m.spra_values.detach() for name, m in spra_modules(model)}
+    """The trained tensors, keyed by unwrapped names: ``<module>.spra_values`` and dense parameters.
+
+    Under FSDP2 or ZeRO-3 this gathers only these O(k) tensors (never a frozen weight): call it on every rank.
+    """
+    model = unwrap(model)
+    state = {f"{name}.spra_values": full_tensor(m.spra_values) for name, m in spra_modules(model)}
     params = dict(model.named_parameters())
     for name in dense_parameter_names(model):
-        state[name] = params[name].detach()
+        state[name] = full_tensor(params[name])
     return state
 
 
@@ -58,6 +63,8 @@ def adapter_config(model: nn.Module) -> dict:
     cfg: SpraConfig = model.spra_config
     mods = spra_modules(model)
     params = dict(model.named_parameters())
+    dense_shapes = {n: list(getattr(params[n], "ds_shape", None) or params[n].shape)
+                    for n in dense_parameter_names(model)}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -68,7 +75,7 @@ def adapter_config(model: nn.Module) -> dict:
             name: {"shape": list(m.weight_shape), "k": m.k, "layout": "conv1d" if m.transposed else "linear"}
             for name, m in mods
         },
-        "dense_parameters": {n: list(params[n].shape) for n in dense_parameter_names(model)},
+        "dense_parameters": dense_shapes,
         "dtype": str(mods[0][1].spra_values.dtype).removeprefix("torch.") if mods else None,
         "total_k": sum(m.k for _, m in mods),
         "base_model": base_model_info(model),
@@ -78,19 +85,27 @@ def adapter_config(model: nn.Module) -> dict:
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``path``, atomically.
 
-    ``state`` lets a distributed caller pass values it has already gathered; by default they are read
-    from the model.
+    Works on a plain, DDP, FSDP2 or DeepSpeed model: under torch.distributed call it on every rank (the k
+    values are gathered), and rank 0 writes. ``state`` lets a caller pass values it already gathered.
     """
+    model = unwrap(model)
     if not hasattr(model, "spra_config"):
         raise ValueError(f"{type(model).__name__} has no SpaRA adapter: call apply_spra or load_adapter first")
     state = adapter_state_dict(model) if state is None else state
+    if world()[0] == 0:
+        _write_adapter(model, state, Path(path))
+    if world()[1] > 1:
+        torch.distributed.barrier()  # the files exist on return, on every rank
+    return Path(path)
+
+
+def _write_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     config = adapter_config(model)
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "spra_format": FORMAT})
         config["adapter_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(path)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

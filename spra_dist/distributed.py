@@ -111,7 +111,7 @@ def _mismatch_message(summaries: list[dict]) -> str:
         if other["config"] != ref["config"]:
             return (f"SpaRA masks differ across ranks: rank {rank} has config {other['config']} but rank 0 has "
                     f"{ref['config']}; every rank must use the same spra settings")
-        for (key0, fp0), (key1, fp1) in zip(ref["keys"], other["keys"]):
+        for (key0, fp0), (key1, fp1) in zip(ref["keys"], other["keys"], strict=False):
             if key0 != key1 or fp0 != fp1:
                 return (f"SpaRA masks differ across ranks at {key0!r} (rank 0) vs {key1!r} (rank {rank}): the "
                         f"ranks built different models or masks; use the same model and spra config everywhere")

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from spra_dist.config import SpraConfig
-from spra_dist.layer import SpraLinear, is_conv1d
 from spra_dist.distributed import agree_seed, check_masks
+from spra_dist.layer import SpraLinear, is_conv1d
 from spra_dist.masks import budget
 
 

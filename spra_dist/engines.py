@@ -1,0 +1,253 @@
+"""Engines: the one seam between the training loop and none / DDP / FSDP2 / DeepSpeed ZeRO-1/2/3.
+
+An engine owns the wrapped model, the optimizer and the schedule, and exposes the same five calls to the
+loop: ``forward(batch)``, ``backward(loss, n_micro)``, ``step(max_grad_norm)``, and, for portable
+checkpoints, ``full_value`` / ``full_optimizer_state`` / ``load_optimizer_state`` per trainable parameter.
+Sharding is the engine's business: SpaRA values are ordinary parameters, so every engine shards them, their
+gradients and their optimizer state on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from spra_dist.distributed import full_tensor, world
+from spra_dist.model import trainable_parameters
+
+ENGINES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def resolve_engine(requested: str, *, deepspeed_config: str | None, world_size: int) -> str:
+    """The engine to run: as asked, or for ``auto`` what the launcher says (accelerate's environment, a
+    DeepSpeed preset in the config), else DDP for several processes and none for one."""
+    if requested not in ENGINES:
+        raise ValueError(f"engine={requested!r} is not one of {', '.join(ENGINES)}")
+    if requested == "auto":
+        if _env_true("ACCELERATE_USE_DEEPSPEED") or deepspeed_config:
+            requested = "deepspeed"
+        elif _env_true("ACCELERATE_USE_FSDP"):
+            if os.environ.get("FSDP_VERSION", "1") != "2":
+                raise ValueError("accelerate asks for FSDP1; spra_dist runs FSDP2: set fsdp_version: 2 in the "
+                                 "accelerate config (configs/accelerate/fsdp2.yaml)")
+            requested = "fsdp2"
+        else:
+            requested = "ddp" if world_size > 1 else "none"
+    if requested == "deepspeed" and not (deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+                                         or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")):
+        raise ValueError("engine=deepspeed needs a preset: deepspeed_config=configs/deepspeed/zero2.json "
+                         "(or zero1 / zero3 / zero3_offload)")
+    return requested
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    if requested == "auto":
+        requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
+    if requested not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision={requested!r}: use no or bf16 (fp16 is not supported)")
+    return requested
+
+
+@dataclass
+class TorchEngine:
+    """none, DDP or FSDP2, with a torch optimizer over the (possibly DTensor) trainable parameters."""
+
+    name: str
+    model: nn.Module
+    """The user's model (FSDP2 shards it in place; DDP wraps it in ``runner``)."""
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.runner(**batch).loss
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        (loss / n_micro).backward()
+
+    def step(self, max_grad_norm: float | None) -> float | None:
+        norm = None
+        if max_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def full_value(self, p: torch.Tensor) -> torch.Tensor:
+        return full_tensor(p).float()
+
+    def full_optimizer_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.optimizer.state.get(p, {})
+        return {k: full_tensor(state[k]).float() if k in state else torch.zeros(p.shape) for k in ADAM_KEYS}
+
+    def load_optimizer_state(self, p: torch.Tensor, states: dict[str, torch.Tensor], step: int) -> None:
+        self.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                   **{k: _like(p, states[k]) for k in ADAM_KEYS}}
+
+    def local_optimizer_numel(self) -> int:
+        return sum(_local(t).numel() for s in self.optimizer.state.values() for k, t in s.items() if k in ADAM_KEYS)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like parameter ``p``: a DTensor with p's mesh and placements under FSDP2."""
+    full = full.to(dtype=torch.float32 if p.dtype != torch.float64 else p.dtype)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+    return full.to(p.device).to(p.dtype)
+
+
+@dataclass
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-1/2/3 around the model, with torch AdamW passed in (no compiled optimizer ops)."""
+
+    ds: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    name: str = "deepspeed"
+    config: dict = field(default_factory=dict)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.ds(**batch).loss
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself and steps the optimizer only at the
+        # accumulation boundary, so its step() belongs after every micro batch.
+        self.ds.backward(loss)
+        self.ds.step()
+
+    def step(self, max_grad_norm: float | None) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def full_value(self, p: torch.Tensor) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().float().cpu()
+
+    def full_optimizer_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return {k: safe_get_full_optimizer_state(p, k).detach().float().cpu() for k in ADAM_KEYS}
+
+    def load_optimizer_state(self, p: torch.Tensor, states: dict[str, torch.Tensor], step: int) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for k in ADAM_KEYS:
+            safe_set_full_optimizer_state(p, states[k].to(torch.float32), k)
+        for s in self.ds.optimizer.optimizer.state.values():
+            s["step"] = torch.tensor(float(step)) if torch.is_tensor(s.get("step")) else step
+
+    def local_optimizer_numel(self) -> int:
+        inner = self.ds.optimizer.optimizer
+        return sum(t.numel() for s in inner.state.values() for k, t in s.items() if k in ADAM_KEYS)
+
+
+def build_torch_engine(name: str, model: nn.Module, make_optimizer, make_scheduler, *,
+                       mixed_precision: str) -> TorchEngine:
+    """Wrap for ``none`` / ``ddp`` / ``fsdp2``; the optimizer is built after wrapping (FSDP2's DTensors)."""
+    runner = model
+    if name == "ddp":
+        if mixed_precision != "no":
+            raise ValueError("mixed_precision=bf16 needs engine=fsdp2 or deepspeed; DDP here trains in the "
+                             "model's dtype (set model.dtype=bfloat16 for a bf16 base)")
+        # Frozen weights don't require grad, so DDP's buckets hold only the sparse values (and heads).
+        runner = DistributedDataParallel(model, device_ids=_device_ids())
+    elif name == "fsdp2":
+        from spra_dist.fsdp import DEFAULT_MP, apply_fsdp2
+
+        apply_fsdp2(model, mp_policy=DEFAULT_MP if mixed_precision == "bf16" else None)
+    elif mixed_precision != "no":
+        raise ValueError("mixed_precision=bf16 needs engine=fsdp2 or deepspeed (set model.dtype=bfloat16 "
+                         "for a bf16 single-process run)")
+    optimizer = make_optimizer(model)
+    return TorchEngine(name, model, runner, optimizer, make_scheduler(optimizer))
+
+
+def _device_ids() -> list[int] | None:
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else None
+
+
+def load_deepspeed_config(path: str | None) -> dict:
+    """A DeepSpeed JSON preset, by path or by name (``zero2`` → configs/deepspeed/zero2.json)."""
+    path = path or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        path = str(PRESET_DIR / f"zero{stage}.json")
+    file = Path(path)
+    if not file.is_file() and (PRESET_DIR / f"{path}.json").is_file():
+        file = PRESET_DIR / f"{path}.json"
+    if not file.is_file():
+        raise ValueError(f"deepspeed_config={path!r} not found; use a file path or one of "
+                         f"{sorted(p.stem for p in PRESET_DIR.glob('*.json'))}")
+    config = json.loads(file.read_text())
+    if "optimizer" in config or "scheduler" in config:
+        raise ValueError(f"{file}: remove the optimizer / scheduler blocks; spra_dist passes AdamW over the "
+                         f"sparse values and its own schedule (lr, warmup_steps, schedule keys)")
+    return config
+
+
+def fill_deepspeed_config(config: dict, *, batch_size: int, grad_accum: int, world_size: int,
+                          max_grad_norm: float | None, mixed_precision: str) -> dict:
+    """Replace ``"auto"`` values with what the run uses; drop ``"auto"`` bucket sizes (DeepSpeed defaults)."""
+    micro = batch_size // (world_size * grad_accum)
+    filled = json.loads(json.dumps(config))
+    auto = {
+        "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": grad_accum, "gradient_clipping": max_grad_norm or 0.0,
+    }
+    for key, value in auto.items():
+        if filled.get(key, "auto") == "auto":
+            filled[key] = value
+    for key in ("bf16", "fp16"):
+        section = filled.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = key == "bf16" and mixed_precision == "bf16"
+    zero = filled.get("zero_optimization", {})
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        del zero[key]
+    return filled
+
+
+def build_deepspeed_engine(model: nn.Module, make_optimizer, make_scheduler, *, config: dict) -> DeepSpeedEngine:
+    import deepspeed
+
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer)
+    ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                  config=config)
+    return DeepSpeedEngine(ds, model, ds_optimizer, scheduler, config=config)
+
+
+def check_batch_split(batch_size: int, grad_accum: int) -> int:
+    """The per-rank micro batch; ``ValueError`` when the global batch doesn't divide."""
+    _, size = world()
+    if batch_size % (size * grad_accum):
+        raise ValueError(f"batch_size={batch_size} is the global batch and must divide by world size {size} × "
+                         f"grad_accum {grad_accum}; use a multiple of {size * grad_accum}")
+    return batch_size // (size * grad_accum)
+
+
+def engine_trainable(engine) -> list[tuple[str, torch.Tensor]]:
+    """Trainable parameters by their unwrapped names (the keys of adapters and checkpoints)."""
+    return trainable_parameters(engine.model)
