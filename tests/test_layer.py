@@ -98,3 +98,26 @@ def test_zero_values_equal_base():
     ref = base(x)
     layer = SpraLinear(base, name="l", k=10, seed=0)
     assert torch.equal(layer(x), ref)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 7, 300, 48 * 40])  # one entry, rows left empty, typical, every entry
+def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k):
+    from spra_dist.layer import _sampled_gather, sampled_weight_grad
+    from spra_dist.masks import sample_indices
+
+    torch.manual_seed(3)
+    n_in, n_out, tokens = 40, 48, 33
+    shape = (n_in, n_out) if transposed else (n_out, n_in)
+    idx = sample_indices(1, "kernel", n_in * n_out, k)
+    x, dy = torch.randn(tokens, n_in, dtype=dtype), torch.randn(tokens, n_out, dtype=dtype)
+    dense = x.double().t() @ dy.double() if transposed else dy.double().t() @ x.double()
+    expected = dense.view(-1)[idx]
+    got = sampled_weight_grad(x, dy, idx, shape=shape, transposed=transposed)
+    a, b = (x, dy) if transposed else (dy, x)
+    fallback = _sampled_gather(a, b, idx // shape[1], idx % shape[1])
+    tol = 1e-12 if dtype == torch.float64 else 1e-4  # bf16 inputs are exact in fp32; only the sum order differs
+    for out in (got, fallback):
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
