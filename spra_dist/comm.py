@@ -4,8 +4,8 @@
     counter.reset(); <one step>; counter.bytes_by_op()
 
 Python-level collectives (FSDP2, DeepSpeed and our own calls all go through ``torch.distributed.*``) are
-counted by wrapping those functions; DDP's C++ reducer is counted through a DDP communication hook
-(``ddp_counting_hook``). Bytes are those of the tensor each rank hands in (for reduce-scatter, the full
+counted by wrapping those functions; DDP's C++ reducer is routed through the Python all-reduce by
+``count_ddp``. Bytes are those of the tensor each rank hands in (for reduce-scatter, the full
 unsharded input; for all-gather, the local shard).
 """
 
@@ -26,7 +26,7 @@ _OPS = {
 }
 _ARG_POS = {"tensor": 0, "tensors": 0, "input_tensor": 1, "input": 1, "input_list": 1}
 GRADIENT_OPS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
-                "reduce_scatter_single", "_reduce_scatter_base", "ddp_all_reduce")
+                "reduce_scatter_single", "_reduce_scatter_base")
 
 
 def _nbytes(obj) -> int:
@@ -80,12 +80,12 @@ class CommCounter:
         return sum(v for k, v in self.totals.items() if k in GRADIENT_OPS)
 
 
-def ddp_counting_hook(counter: CommCounter):
-    """A DDP comm hook: count each bucket's bytes, then all-reduce it as DDP's default hook does."""
+def count_ddp(ddp_model) -> None:
+    """Route DDP's gradient buckets through ``torch.distributed.all_reduce`` so the counter sees them.
+
+    DDP's reducer all-reduces from C++ by default; its stock Python all-reduce hook does the same
+    arithmetic (sum, divide by world size) through the wrapped function.
+    """
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def hook(state, bucket):
-        counter.add("ddp_all_reduce", _nbytes(bucket.buffer()))
-        return allreduce_hook(state, bucket)
-
-    return hook
+    ddp_model.register_comm_hook(None, allreduce_hook)

@@ -84,40 +84,41 @@ def _entries(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.Tensor]
     return [(m.spra_key, m.weight_shape, m.spra_indices) for _, m in spra_modules(model)]
 
 
-def check_masks(model: nn.Module, *, group: dist.ProcessGroup | None = None) -> int:
-    """All-gather each rank's mask fingerprint; on a mismatch raise on every rank, naming the first key."""
-    cfg = model.spra_config
-    config = repr(sorted(cfg.to_dict().items()))
+def check_masks(model: nn.Module, *, requested=None, group: dist.ProcessGroup | None = None) -> int:
+    """All-gather each rank's mask fingerprint; on a mismatch raise on every rank, naming what differs.
+
+    ``requested`` is the SpraConfig as the user gave it (seed possibly None): a rank asking for another
+    explicit seed, density or target list is a mismatch even though the broadcast seed would hide it.
+    """
+    config = repr(sorted((requested or model.spra_config).to_dict().items()))
     entries = _entries(model)
     total = _fingerprint(entries, config=config)
     if not (dist.is_available() and dist.is_initialized()):
         return total
     size = dist.get_world_size(group)
-    mine = torch.tensor([total], dtype=torch.int64)
     gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    dist.all_gather(gathered, mine, group=group)
+    dist.all_gather(gathered, torch.tensor([total], dtype=torch.int64), group=group)
     if all(int(g.item()) == total for g in gathered):
         return total
     # Every rank sees the same gathered list, so every rank takes this branch: no one is left waiting.
-    summary = {"config": config, "keys": [(e[0], _fingerprint([e], config=config)) for e in entries]}
-    all_summaries: list[dict] = [{} for _ in range(size)]
-    dist.all_gather_object(all_summaries, summary, group=group)
-    raise RuntimeError(_mismatch_message(all_summaries))
+    summary = {"config": config, "keys": [(e[0], _fingerprint([e], config="")) for e in entries]}
+    summaries: list[dict] = [{} for _ in range(size)]
+    dist.all_gather_object(summaries, summary, group=group)
+    raise RuntimeError(_mismatch_message(summaries))
 
 
 def _mismatch_message(summaries: list[dict]) -> str:
     ref = summaries[0]
     for rank, other in enumerate(summaries[1:], start=1):
-        if other["config"] != ref["config"]:
-            return (f"SpaRA masks differ across ranks: rank {rank} has config {other['config']} but rank 0 has "
-                    f"{ref['config']}; every rank must use the same spra settings")
-        for (key0, fp0), (key1, fp1) in zip(ref["keys"], other["keys"], strict=False):
-            if key0 != key1 or fp0 != fp1:
-                return (f"SpaRA masks differ across ranks at {key0!r} (rank 0) vs {key1!r} (rank {rank}): the "
-                        f"ranks built different models or masks; use the same model and spra config everywhere")
-        if len(other["keys"]) != len(ref["keys"]):
-            return f"SpaRA masks differ across ranks: rank {rank} adapts {len(other['keys'])} layers, rank 0 " \
-                   f"{len(ref['keys'])}"
+        first = next((repr(a[0]) if a[0] == b[0] else f"{a[0]!r} on rank 0, {b[0]!r} on rank {rank}"
+                      for a, b in zip(ref["keys"], other["keys"], strict=False) if a != b), None)
+        if first is None and len(ref["keys"]) != len(other["keys"]):
+            first = f"layer count: rank 0 adapts {len(ref['keys'])}, rank {rank} {len(other['keys'])}"
+        if first is None and other["config"] == ref["config"]:
+            continue
+        where = f"the first differing mask is {first}" if first else "the masks agree but the settings don't"
+        return (f"SpaRA masks differ across ranks: {where}; rank 0 has spra config {ref['config']}, rank "
+                f"{rank} has {other['config']}. Give every rank the same model and spra settings")
     return "SpaRA mask fingerprints differ across ranks"
 
 

@@ -91,6 +91,7 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
     if any(isinstance(m, SpraLinear) for m in model.modules()):
         raise ValueError("this model already has SpaRA applied; use a fresh base model or load_adapter")
     cfg.validate()
+    requested = cfg
     cfg = dataclasses.replace(cfg, seed=agree_seed(cfg.seed, group=group),
                               trainable_modules=list(cfg.trainable_modules))
     targets = select_targets(model, cfg)
@@ -105,7 +106,7 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.spra_config = cfg
-    check_masks(model, group=group)
+    check_masks(model, requested=requested, group=group)
     return model
 
 
