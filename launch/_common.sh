@@ -1,0 +1,58 @@
+# Sourced by launch/*.sh: process count, CPU-mode settings and engine names shared by every wrapper.
+# Not meant to be run on its own.
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENGINE_NAMES="none ddp fsdp2 zero1 zero2 zero3 zero3_offload"
+
+die() { echo "error: $*" >&2; exit 2; }
+
+need() {  # the launcher command must come from the project's environment
+  command -v "$1" >/dev/null 2>&1 || die "$1 not found on PATH; activate the environment (source .venv/bin/activate) or run make setup"
+}
+
+gpu_count() {
+  # nvidia-smi -L prints one "GPU i: ..." line per visible device; no nvidia-smi means no GPU.
+  { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true
+}
+
+# NGPU > 0: one process per GPU (NPROC may pick fewer). Otherwise NPROC CPU processes (default 2) on gloo.
+NGPU="$(gpu_count)"
+if [ "$NGPU" -gt 0 ]; then
+  NPROC="${NPROC:-$NGPU}"
+  ON_CPU=0
+else
+  NPROC="${NPROC:-2}"
+  ON_CPU=1
+  # DeepSpeed picks its CPU accelerator (gloo, shared-memory ops) instead of probing for CUDA.
+  export DS_ACCELERATOR=cpu
+  # Split the cores between the ranks; oversubscribed threads make every collective wait on the slowest rank.
+  cores="$(nproc 2>/dev/null || echo 2)"
+  threads=$(( cores / NPROC ))
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
+fi
+case "$NPROC" in
+  ''|*[!0-9]*|0) die "NPROC=$NPROC must be a positive integer (processes on this machine), e.g. NPROC=2" ;;
+esac
+
+check_config() {  # $1: the training YAML
+  [ -n "${1:-}" ] || die "missing CONFIG; e.g. configs/train/debug_tiny_llama.yaml"
+  [ -f "$1" ] || die "CONFIG $1 not found; give a training YAML such as configs/train/debug_tiny_llama.yaml"
+}
+
+# ENGINE_ARGS: the training overrides that select ENGINE (one of ENGINE_NAMES).
+engine_args() {
+  case "$1" in
+    none|ddp|fsdp2) ENGINE_ARGS=("engine=$1") ;;
+    zero1|zero2|zero3|zero3_offload) ENGINE_ARGS=("engine=deepspeed" "deepspeed_config=$REPO/configs/deepspeed/$1.json") ;;
+    *) die "ENGINE=$1 is not one of: $ENGINE_NAMES" ;;
+  esac
+}
+
+free_port() {  # a port nobody listens on now, for launchers without their own standalone mode
+  python - <<'PY'
+import socket
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+PY
+}
