@@ -346,8 +346,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
     elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
     elif tp is Any:
         return value
     raise _type_error(key, value, _type_name(tp))

@@ -193,8 +193,17 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     from spra_dist.atomic import atomic_directory
 
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantised, but transformers refuses save_pretrained on any model loaded
+    # through its GGUF quantizer: copy them into a plain model of the same config and save that one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
     # Written to a temporary directory and renamed, so a crash never leaves a half-converted cache behind.
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)

@@ -1,0 +1,117 @@
+"""The pieces of the training loop: optimizer, schedule, one optimizer step, evaluation.
+
+``train_step`` is the seam for engines: it holds the only forward / backward / optimizer-step calls, so a
+distributed engine (DDP, FSDP2, DeepSpeed) replaces this one small function and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spra_dist.model import spra_modules, trainable_parameters
+from spra_dist.train.config import TrainConfig
+from spra_dist.train.data import TokenSet, collate
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: the sparse values at ``lr`` (no weight decay unless
+    ``decay_spra_values``), the densely trained modules at ``head_lr`` (or ``lr``)."""
+    spra_ids = {id(p) for _, m in spra_modules(model) for p in m.parameters(recurse=False) if p.requires_grad}
+    trainable = [p for _, p in trainable_parameters(model)]
+    values = [p for p in trainable if id(p) in spra_ids]
+    dense = [p for p in trainable if id(p) not in spra_ids]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters; check spra.target_modules")
+    groups = [{"params": values, "lr": cfg.lr, "name": "spra_values",
+               "weight_decay": cfg.weight_decay if cfg.decay_spra_values else 0.0}]
+    if dense:
+        groups.append({"params": dense, "lr": cfg.head_lr or cfg.lr, "name": "dense",
+                       "weight_decay": cfg.weight_decay})
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then the decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    match schedule:
+        case "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        case "linear":
+            return 1.0 - progress
+        case "constant":
+            return 1.0
+        case _:
+            raise ValueError(f"schedule={schedule!r} is unknown; use cosine, linear or constant")
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                               schedule=cfg.schedule),
+    )
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the micro batches."""
+
+    tokens: int
+    """Non-padding tokens processed by this rank."""
+
+    grad_norm: float | None
+    """Global gradient norm before clipping (None when clipping is off)."""
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[dict],
+               *, max_grad_norm: float | None) -> StepResult:
+    """One optimizer step: forward + backward per micro batch (gradients accumulate), clip, step."""
+    total, tokens = 0.0, 0
+    for batch in micro_batches:
+        loss = model(**batch).loss
+        (loss / len(micro_batches)).backward()
+        total += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    norm = None
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total / len(micro_batches), tokens, norm)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: TokenSet, *, task: str, pad_id: int, batch_size: int) -> dict[str, float]:
+    """classification: accuracy and eval_loss; causal_lm: eval_loss (per token) and perplexity."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens.input_ids[i]))  # similar lengths pad less
+    for start in range(0, len(tokens), batch_size):
+        batch = collate(tokens, order[start: start + batch_size], pad_id=pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        if task == "classification":
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == labels).sum())
+            count += len(labels)
+        else:  # next-token loss, summed over real tokens so the mean is per token, not per batch
+            shifted = labels[:, 1:]
+            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100,
+                                        reduction="sum").item()
+            count += int((shifted != -100).sum())
+    model.train(was_training)
+    mean = loss_sum / max(1, count)
+    if task == "classification":
+        return {"eval_loss": mean, "accuracy": correct / max(1, count)}
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}

@@ -1,0 +1,51 @@
+"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step), ``loss.png``, ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from spra_dist.atomic import write_text_atomic
+
+
+class MetricsLog:
+    """Appends one JSON line per record and keeps the records for the plot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        path.write_text("")  # a rerun into the same output_dir starts a fresh log
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, *, metric: str) -> None:
+    """Training loss per step; ``metric`` (accuracy / perplexity) at the evaluated steps on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [r for r in records if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    evals = [r for r in records if metric in r and math.isfinite(r[metric])]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="tab:orange")
+        ax2.set_ylabel(f"eval {metric}", color="tab:orange")
+    ax.set_title("SpaRA fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,155 @@
+"""Training config: YAML + overrides, key resolution, type checks; batch order and schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spra_dist.train.config import load_config, parse_override, resolve_key
+from spra_dist.train.data import global_batch, rank_slice, split_micro
+from spra_dist.train.loop import lr_factor
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_sections_and_defaults(tmp_path):
+    path = write(tmp_path, "max_steps: 7\nmodel:\n  source: tiny_gpt2\ndata:\n  max_length: 32\n"
+                           "spra:\n  lora_rank: 4\n  trainable_modules: [score]\n")
+    cfg = load_config(path)
+    assert cfg.max_steps == 7
+    assert cfg.model.source == "tiny_gpt2"
+    assert cfg.data.max_length == 32
+    assert cfg.spra.lora_rank == 4 and cfg.spra.trainable_modules == ["score"]
+    assert cfg.output_dir == str(Path("runs") / "exp")  # default: runs/<config file stem>
+    assert cfg.lr == 1e-3  # untouched default
+
+
+def test_dotted_and_bare_overrides(tmp_path):
+    path = write(tmp_path, "spra:\n  lora_rank: 8\n")
+    cfg = load_config(path, ["spra.lora_rank=4", "max_length=48", "data.train_size=100", "lr=3e-4"])
+    assert cfg.spra.lora_rank == 4
+    assert cfg.data.max_length == 48
+    assert cfg.data.train_size == 100
+    assert cfg.lr == pytest.approx(3e-4)  # YAML 1.1 reads "3e-4" as a string; a float field converts it
+    assert load_config(path, ["lora_rank=2"]).spra.lora_rank == 2
+
+
+def test_bare_seed_is_training_seed_and_dotted_is_mask_seed():
+    cfg = load_config(None, ["seed=7", "spra.seed=99"])
+    assert cfg.seed == 7
+    assert cfg.spra.seed == 99
+    assert load_config(None, ["seed=5"]).spra.seed is None
+
+
+def test_list_and_null_overrides():
+    cfg = load_config(None, ["target_modules=[q_proj, v_proj]", "head_lr=null", "max_grad_norm=null"])
+    assert cfg.spra.target_modules == ["q_proj", "v_proj"]
+    assert cfg.head_lr is None and cfg.max_grad_norm is None
+
+
+def test_density_override_replaces_lora_rank_from_file(tmp_path):
+    path = write(tmp_path, "spra:\n  lora_rank: 8\n")
+    cfg = load_config(path, ["density=0.02"])
+    assert cfg.spra.density == pytest.approx(0.02) and cfg.spra.lora_rank is None
+
+
+def test_both_budgets_in_file_is_an_error(tmp_path):
+    path = write(tmp_path, "spra:\n  lora_rank: 8\n  density: 0.1\n")
+    with pytest.raises(ValueError, match="exactly one of lora_rank and density"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("key", "nearest"), [
+    ("lora_rnak", "lora_rank"), ("data.max_lenght", "data.max_length"), ("max_step", "max_steps"),
+    ("spra.sed", "spra.seed"),
+])
+def test_unknown_key_suggests_nearest(key, nearest):
+    with pytest.raises(ValueError, match=f"unknown config key '{key}'; did you mean '{nearest}'"):
+        load_config(None, [f"{key}=1"])
+
+
+def test_unknown_key_in_file_is_rejected(tmp_path):
+    path = write(tmp_path, "model:\n  sorce: minilm\n")
+    with pytest.raises(ValueError, match="did you mean 'model.source'"):
+        load_config(path)
+
+
+def test_ambiguous_bare_key_lists_the_dotted_ones():
+    with pytest.raises(ValueError, match="ambiguous.*data.source.*model.source|ambiguous.*model.source.*data.source"):
+        resolve_key("source")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("max_steps=ten", "max_steps='ten'"), ("lr=fast", "lr='fast'"), ("seed=[1]", "seed=[1]"),
+    ("gradient_checkpointing=maybe", "model.gradient_checkpointing='maybe'"), ("max_steps=true", "max_steps=True"),
+    ("trainable_modules=[1]", "spra.trainable_modules=1"), ("model.source=3", "model.source=3"),
+])
+def test_bad_type_names_key_and_value(override, key):
+    with pytest.raises(ValueError, match="wrong type") as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.source=gpt5", "model.source='gpt5' is not one of"), ("max_steps=0", "max_steps=0 must be"),
+    ("grad_accum=3", "batch_size=32 is not divisible by grad_accum=3"), ("schedule=step", "schedule='step'"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_override("max_steps")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_override("target_modules=[q_proj")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config("no/such/file.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_open_with_their_command(path):
+    cfg = load_config(path)
+    assert cfg.output_dir == str(Path("runs") / path.stem)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and f"spra train --config configs/train/{path.name}" in first
+
+
+# --------------------------------------------------------------------------- batch order and schedule
+
+
+def test_global_batch_is_a_pure_function_covering_each_epoch():
+    n, batch = 50, 10
+    steps = [global_batch(n, batch_size=batch, step=s, seed=3) for s in range(5)]
+    assert sorted(i for step in steps for i in step) == list(range(n))  # one epoch = every example once
+    assert global_batch(n, batch_size=batch, step=2, seed=3) == steps[2]
+    assert global_batch(n, batch_size=batch, step=2, seed=4) != steps[2]
+    assert global_batch(n, batch_size=batch, step=5, seed=3) != steps[0]  # next epoch, new order
+
+
+def test_rank_slices_partition_the_global_batch():
+    idx = global_batch(100, batch_size=12, step=4, seed=0)
+    for world in (1, 2, 3, 4):
+        parts = [rank_slice(idx, rank=r, world_size=world) for r in range(world)]
+        assert [i for part in parts for i in part] == idx
+    with pytest.raises(ValueError, match="not divisible by the world size 5"):
+        rank_slice(idx, rank=0, world_size=5)
+    assert split_micro(idx[:6], 3) == [idx[0:2], idx[2:4], idx[4:6]]
+
+
+def test_lr_schedule():
+    kw = dict(warmup_steps=4, max_steps=14)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.25)
+    assert lr_factor(3, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(9, schedule="linear", **kw) == pytest.approx(0.5)
+    assert lr_factor(14, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(12, schedule="constant", **kw) == 1.0
