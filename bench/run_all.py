@@ -1,0 +1,62 @@
+"""The whole benchmark: step time and memory against LoRA / SHiRA / dense-gradient / full / floor, mask rebuild,
+adapter sizes; prints the tables and rewrites the generated part of docs/benchmarks.md and its chart.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.run_all            # about 10 minutes on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.run_all --quick    # about 90 s: checks that it all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from bench import adapter_size, masks, report, step_time
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+# (model, layers): SmolLM2-135M shapes at two depths, all-MiniLM-L6-v2 shapes.
+FULL = [("smollm2", 2), ("smollm2", 6), ("minilm", 6)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one tiny model, one round; writes nothing under docs/")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per process, after the warm-up")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(f"{m}:{n}" for m, n in FULL),
+                    help="model:layers list, e.g. smollm2:6,minilm:6")
+    a = ap.parse_args()
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in a.configs.split(",")]
+    rounds, steps, batch, seq = a.rounds, a.steps, 4, 256
+    if a.quick:
+        configs, rounds, steps, batch, seq = [("smollm2", 1)], 1, 1, 1, 32
+    results = {"steps": [], "when": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                          f"torch {torch.__version__}"}
+    for model, layers in configs:
+        results["steps"].append(step_time.measure(model, layers=layers, batch=batch, seq=seq, rounds=rounds,
+                                                  steps=steps, warmup=a.warmup))
+    results["masks"] = [] if a.quick else masks.measure()
+    adapter_layers = 2 if a.quick else 30
+    results["adapters"] = adapter_size.measure(adapter_layers)
+    generated = [f"_Last run: {results['when']}, {results['machine']}._", "", "### Step time and memory", ""]
+    for res in results["steps"]:
+        generated += report.step_table(res)
+    generated += ["### Mask rebuild (no weight allocated)", "", *report.mask_table(results["masks"]),
+                  "### Adapter files", "", *report.adapter_table(results["adapters"], adapter_layers),
+                  "### Targets", "", *report.target_lines(results["steps"], results["masks"], results["adapters"]),
+                  "![step time and peak RSS](benchmarks.png)", ""]
+    print("\n".join(generated))
+    if not a.quick:
+        report.chart(results["steps"], DOCS / "benchmarks.png")
+        (DOCS / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
+        report.write(DOCS / "benchmarks.md", generated)
+
+
+if __name__ == "__main__":
+    main()
