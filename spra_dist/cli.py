@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/train/debug_tiny_llama.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides: dotted (spra.lora_rank=4) or a unique leaf name (lora_rank=4)")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=cmd_train)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")

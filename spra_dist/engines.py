@@ -1,14 +1,16 @@
 """Engines: the one seam between the training loop and none / DDP / FSDP2 / DeepSpeed ZeRO-1/2/3.
 
-An engine owns the wrapped model, the optimizer and the schedule, and exposes the same five calls to the
-loop: ``forward(batch)``, ``backward(loss, n_micro)``, ``step(max_grad_norm)``, and, for portable
-checkpoints, ``full_value`` / ``full_optimizer_state`` / ``load_optimizer_state`` per trainable parameter.
+An engine owns the wrapped model, the optimizer and the schedule, and exposes the same calls to the loop:
+``forward_backward(batch, n_micro=, last=)`` per micro batch, ``step(max_grad_norm)`` per optimizer step, and,
+for portable checkpoints, ``full_value`` / ``full_optimizer_state`` / ``load_optimizer_state`` per trainable
+parameter.
 Sharding is the engine's business: SpaRA values are ordinary parameters, so every engine shards them, their
 gradients and their optimizer state on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -71,11 +73,18 @@ class TorchEngine:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.runner(**batch).loss
+    def forward_backward(self, batch: dict, *, n_micro: int, last: bool) -> torch.Tensor:
+        """Loss of one micro batch, its gradient accumulated; gradients cross the wire only on the last."""
+        if self.name == "fsdp2":
+            self.model.set_requires_gradient_sync(last)
+        sync = self.runner.no_sync() if self.name == "ddp" and not last else contextlib.nullcontext()
+        with sync:  # DDP decides in forward whether this backward all-reduces
+            loss = self.runner(**batch).loss
+            (loss / n_micro).backward()
+        return loss.detach()
 
-    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
-        (loss / n_micro).backward()
+    def prime(self, micro_batches: list[dict]) -> None:
+        """Nothing to do: torch optimizers accept state written before their first step."""
 
     def step(self, max_grad_norm: float | None) -> float | None:
         norm = None
@@ -127,14 +136,26 @@ class DeepSpeedEngine:
     name: str = "deepspeed"
     config: dict = field(default_factory=dict)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.ds(**batch).loss
-
-    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
-        # DeepSpeed divides by gradient_accumulation_steps itself and steps the optimizer only at the
-        # accumulation boundary, so its step() belongs after every micro batch.
+    def forward_backward(self, batch: dict, *, n_micro: int, last: bool) -> torch.Tensor:
+        # DeepSpeed divides by gradient_accumulation_steps itself, reduces at the accumulation boundary and
+        # steps the optimizer there, so its step() belongs after every micro batch.
+        loss = self.ds(**batch).loss
         self.ds.backward(loss)
         self.ds.step()
+        return loss.detach()
+
+    def prime(self, micro_batches: list[dict]) -> None:
+        """Make ZeRO build its (lazy) optimizer state with one zero-loss step at learning rate 0, so a
+        checkpoint's moments can be written into it. The caller then puts the schedule back."""
+        groups = self.scheduler.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        for batch in micro_batches:
+            self.ds.backward(self.ds(**batch).loss * 0.0)
+            self.ds.step()
+        for g, lr in zip(groups, saved, strict=True):
+            g["lr"] = lr
 
     def step(self, max_grad_norm: float | None) -> float | None:
         norm = self.ds.get_global_grad_norm()

@@ -135,6 +135,34 @@ class TrainConfig:
     eval_batch_size: int = 64
     """Examples per forward pass in evaluation."""
 
+    engine: str = "auto"
+    """none | ddp | fsdp2 | deepspeed, or auto: what the launcher says (accelerate's config, a DeepSpeed
+    preset given in deepspeed_config), else ddp for several processes and none for one."""
+
+    deepspeed_config: str | None = None
+    """DeepSpeed preset for engine deepspeed: a name in configs/deepspeed (zero1, zero2, zero3,
+    zero3_offload) or a JSON path; its "auto" values are filled from this config."""
+
+    mixed_precision: str = "auto"
+    """no | bf16 (bf16 compute, fp32 master values; fsdp2 and deepspeed), or auto: accelerate's setting."""
+
+    checkpoint_every: int = 0
+    """Write a resume checkpoint (O(k): values, AdamW moments, step, RNG) every this many steps; 0: never."""
+
+    checkpoint_keep: int = 2
+    """Resume checkpoints kept in output_dir/checkpoints (the newest ones)."""
+
+    resume: str | None = None
+    """auto: continue from the newest complete checkpoint in output_dir (fresh start if none); or a
+    checkpoint directory. Works across engines and world sizes."""
+
+    stop_after: int | None = None
+    """End this run after this many optimizer steps in total (the schedule still spans max_steps): for
+    time-limited jobs that continue with resume=auto. None: run to max_steps."""
+
+    comm_stats: bool = False
+    """Count the bytes handed to collectives per step (metrics.jsonl, summary.json)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
 
@@ -176,6 +204,13 @@ class TrainConfig:
             raise ValueError("data.source=text_file gives causal-LM blocks; use model.task=causal_lm")
         if self.model.task == "causal_lm" and self.data.source == "rotten_tomatoes":
             raise ValueError("data.source=rotten_tomatoes is a classification set; use model.task=classification")
+        _choice("engine", self.engine, ("auto", "none", "ddp", "fsdp2", "deepspeed"))
+        _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        for key in ("checkpoint_every", "checkpoint_keep"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} is negative; use 0 or more")
+        if self.stop_after is not None and not 0 < self.stop_after <= self.max_steps:
+            raise ValueError(f"stop_after={self.stop_after} must lie in 1..max_steps={self.max_steps}")
         self.spra.validate()
 
 

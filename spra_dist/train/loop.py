@@ -59,6 +59,14 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
     )
 
 
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule where it stands after ``step`` optimizer steps (a resumed run)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -71,22 +79,17 @@ class StepResult:
     """Global gradient norm before clipping (None when clipping is off)."""
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[dict],
-               *, max_grad_norm: float | None) -> StepResult:
-    """One optimizer step: forward + backward per micro batch (gradients accumulate), clip, step."""
+def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None) -> StepResult:
+    """One optimizer step through the engine: forward + backward per micro batch, then clip and step.
+
+    The engine (spra_dist.engines) hides what DDP / FSDP2 / DeepSpeed do around these three calls.
+    """
     total, tokens = 0.0, 0
-    for batch in micro_batches:
-        loss = model(**batch).loss
-        (loss / len(micro_batches)).backward()
+    for i, batch in enumerate(micro_batches):
+        loss = engine.forward_backward(batch, n_micro=len(micro_batches), last=i == len(micro_batches) - 1)
         total += loss.item()
         tokens += int(batch["attention_mask"].sum())
-    norm = None
-    if max_grad_norm is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    norm = engine.step(max_grad_norm)
     return StepResult(total / len(micro_batches), tokens, norm)
 
 

@@ -13,99 +13,180 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 from tqdm import tqdm
 
 from spra_dist import apply_spra, save_adapter
+from spra_dist.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
+from spra_dist.comm import CommCounter, count_ddp
+from spra_dist.distributed import init_distributed, shutdown, world
+from spra_dist.engines import (
+    build_deepspeed_engine,
+    build_torch_engine,
+    check_batch_split,
+    fill_deepspeed_config,
+    load_deepspeed_config,
+    resolve_engine,
+    resolve_mixed_precision,
+)
 from spra_dist.model import spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig, to_dict
 from spra_dist.train.data import DataSplits, build_data, collate, global_batch, rank_slice, split_micro
-from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, train_step
+from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the whole recipe; returns the summary (also written to ``output_dir/summary.json``)."""
+    """Run the whole recipe on this rank; returns the summary (rank 0 writes ``output_dir/summary.json``)."""
     cfg.validate()
+    rank, world_size = init_distributed()
+    try:
+        return _train(cfg, rank, world_size)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
+    engine_name = resolve_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, world_size=world_size)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    check_batch_split(cfg.batch_size, cfg.grad_accum)
+    counter = CommCounter.install() if cfg.comm_stats else None  # before DeepSpeed caches the collectives
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    ckpt = resolve_resume(cfg.resume, out)
 
     built = build_model(cfg.model, seed=cfg.seed)
     splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec)
     if built.from_config:
-        save_base_model(built, out / "base_model")
-    model = apply_spra(built.model, cfg.spra)
-    save_run_config(cfg, model, out / "config.yaml")
-    model = wrap_model(model, cfg)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_schedule(optimizer, cfg)
+        save_base_model(built, out / "base_model", write=rank == 0)
+    spra_cfg = cfg.spra if ckpt is None else dataclasses.replace(cfg.spra, seed=ckpt.meta["mask_seed"])
+    model = apply_spra(built.model, spra_cfg)
+    if ckpt is not None:
+        load_values(model, ckpt)
+    if rank == 0:
+        save_run_config(cfg, model, out / "config.yaml")
+    engine = wrap_model(model, cfg, engine_name=engine_name, mixed_precision=mixed_precision, counter=counter)
+    start = 0 if ckpt is None else ckpt.step
+    if ckpt is not None:
+        engine.prime(micro_batches(splits, cfg, step=start, pad_id=built.codec.pad_id))
+        load_optimizer(engine, ckpt)
+        set_schedule_step(engine.scheduler, start)
 
-    log = MetricsLog(out / "metrics.jsonl")
-    evaluate_now = _evaluator(model, splits, cfg, built.codec.pad_id)
+    log = MetricsLog(out / "metrics.jsonl", append=ckpt is not None, enabled=rank == 0)
+    evaluate_now = _evaluator(engine.model, splits, cfg, built.codec.pad_id)
     before = evaluate_now()
-    log.write({"step": 0, **before})
-    after = run_steps(model, optimizer, scheduler, splits, cfg, log=log, evaluate_now=evaluate_now,
-                      pad_id=built.codec.pad_id)
+    log.write({"step": start, **before})
+    after, stats = run_steps(engine, splits, cfg, log=log, evaluate_now=evaluate_now, pad_id=built.codec.pad_id,
+                             start=start, counter=counter)
 
-    save_adapter(model, out / "adapter")
+    state = {name: engine.full_value(p) for name, p in trainable_parameters(engine.model)}
+    save_adapter(engine.model, out / "adapter", state=state)
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
-    plot_loss(log.records, out / "loss.png", metric=metric)
     summary = {
         f"{metric}_before": before[metric], f"{metric}_after": after[metric],
         "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-        "trainable_parameters": sum(p.numel() for _, p in trainable_parameters(model)),
-        "k_total": sum(m.k for _, m in spra_modules(model)),
-        "adapted_matrices": len(spra_modules(model)),
-        "steps": cfg.max_steps, "train_examples": len(splits.train), "eval_examples": len(splits.eval),
+        "trainable_parameters": sum(v.numel() for v in state.values()),
+        "k_total": sum(m.k for _, m in spra_modules(engine.model)),
+        "adapted_matrices": len(spra_modules(engine.model)),
+        "steps": stats["last_step"], "max_steps": cfg.max_steps, "resumed_from_step": ckpt.step if ckpt else None,
+        "train_examples": len(splits.train), "eval_examples": len(splits.eval),
+        "engine": engine.name, "world_size": world_size, "mixed_precision": mixed_precision,
+        "optimizer_state_numel_per_rank": _gather_ints(engine.local_optimizer_numel()),
+        "grad_bytes_per_step": stats.get("grad_bytes"), "comm_bytes_per_step": stats.get("comm_bytes"),
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "mask_seed": model.spra_config.seed,
+        "mask_seed": engine.model.spra_config.seed,
     }
-    write_summary(out / "summary.json", summary)
+    if rank == 0:
+        plot_loss(log.records, out / "loss.png", metric=metric)
+        write_summary(out / "summary.json", summary)
     return summary
 
 
-def wrap_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """ENGINE WRAP POINT: the adapted, unwrapped model goes in; DDP / FSDP2 / DeepSpeed will wrap it here.
+def wrap_model(model: nn.Module, cfg: TrainConfig, *, engine_name: str, mixed_precision: str,
+               counter: CommCounter | None = None):
+    """Hand the adapted, unwrapped model to its engine (none / DDP / FSDP2 / DeepSpeed ZeRO).
 
-    Single process for now, so the model comes back unchanged. Mask keys were fixed by apply_spra on the
-    unwrapped names before this call, as every engine needs.
+    Mask keys were fixed by apply_spra on the unwrapped names before this call, as every engine needs. The
+    optimizer is built by the engine, after wrapping: FSDP2 replaces the parameters by sharded DTensors.
     """
-    return model
+    def make_optimizer(m):
+        return build_optimizer(m, cfg)
+
+    def make_scheduler(o):
+        return build_schedule(o, cfg)
+
+    if engine_name == "deepspeed":
+        config = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), batch_size=cfg.batch_size,
+                                       grad_accum=cfg.grad_accum, world_size=world()[1],
+                                       max_grad_norm=cfg.max_grad_norm, mixed_precision=mixed_precision)
+        return build_deepspeed_engine(model, make_optimizer, make_scheduler, config=config)
+    engine = build_torch_engine(engine_name, model, make_optimizer, make_scheduler, mixed_precision=mixed_precision)
+    if counter is not None and engine_name == "ddp":
+        count_ddp(engine.runner)
+    return engine
 
 
-def run_steps(model: nn.Module, optimizer, scheduler, splits: DataSplits, cfg: TrainConfig, *,
-              log: MetricsLog, evaluate_now, pad_id: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """The optimizer steps: each draws its global batch from (seed, step), this rank takes its slice.
+def micro_batches(splits: DataSplits, cfg: TrainConfig, *, step: int, pad_id: int) -> list[dict]:
+    """This rank's micro batches of optimizer step ``step``: the global batch is a function of (seed, step)."""
+    rank, world_size = world()
+    indices = global_batch(len(splits.train), batch_size=cfg.batch_size, step=step, seed=cfg.seed)
+    mine = rank_slice(indices, rank=rank, world_size=world_size)
+    parts = split_micro(mine, cfg.grad_accum, lengths=splits.train.lengths())
+    return [collate(splits.train, part, pad_id=pad_id) for part in parts]
 
-    Returns the evaluation after the last step."""
-    model.train()
-    lengths = splits.train.lengths()
-    bar = tqdm(range(cfg.max_steps), desc="train", dynamic_ncols=True)
+
+def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, evaluate_now, pad_id: int,
+              start: int = 0, counter: CommCounter | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Optimizer steps ``start .. max_steps`` (or ``stop_after``), with logging, evaluation and checkpoints.
+
+    Returns the evaluation after the last step, and step statistics (bytes on the wire per step)."""
+    engine.model.train()
+    end = cfg.stop_after or cfg.max_steps
+    stats: dict[str, Any] = {"last_step": start}
+    bar = tqdm(range(start, end), desc="train", dynamic_ncols=True, disable=world()[0] != 0)
+    metrics: dict[str, float] = {}
     for step in bar:
         started = time.perf_counter()
-        indices = global_batch(len(splits.train), batch_size=cfg.batch_size, step=step, seed=cfg.seed)
-        mine = rank_slice(indices, rank=rank, world_size=world_size)
-        parts = split_micro(mine, cfg.grad_accum, lengths=lengths)
-        micro = [collate(splits.train, part, pad_id=pad_id) for part in parts]
-        lr = optimizer.param_groups[0]["lr"]
-        result = train_step(model, optimizer, scheduler, micro, max_grad_norm=cfg.max_grad_norm)
-        tokens_per_s = result.tokens / max(time.perf_counter() - started, 1e-9)
+        micro = micro_batches(splits, cfg, step=step, pad_id=pad_id)
+        lr = engine.scheduler.optimizer.param_groups[0]["lr"]
+        if counter is not None:
+            counter.reset()
+        result = train_step(engine, micro, max_grad_norm=cfg.max_grad_norm)
+        if counter is not None:
+            stats.update(grad_bytes=counter.gradient_bytes(), comm_bytes=counter.bytes_by_op())
+        tokens_per_s = result.tokens * world()[1] / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-        done = step + 1
+        done = stats["last_step"] = step + 1
         record: dict[str, Any] = {}
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        if done % cfg.log_every == 0 or done == end:
             record = {"step": done, "loss": result.loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
                       "grad_norm": result.grad_norm}
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+            if counter is not None:
+                record["grad_bytes"] = stats["grad_bytes"]
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == end:
             metrics = evaluate_now()
             record = {"step": done, **record, **metrics}
         if record:
             log.write(record)
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end):
+            save_checkpoint(engine, cfg.output_dir, step=done, mask_seed=engine.model.spra_config.seed,
+                            keep=cfg.checkpoint_keep)
     bar.close()
-    return metrics
+    return metrics or evaluate_now(), stats
+
+
+def _gather_ints(value: int) -> list[int]:
+    """``value`` from every rank, in rank order."""
+    if world()[1] == 1:
+        return [value]
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(world()[1])]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
+    return [int(t.item()) for t in out]
 
 
 def _evaluator(model: nn.Module, splits: DataSplits, cfg: TrainConfig, pad_id: int):
@@ -115,10 +196,23 @@ def _evaluator(model: nn.Module, splits: DataSplits, cfg: TrainConfig, pad_id: i
     return evaluate_now
 
 
-def save_base_model(built: BuiltModel, path: Path) -> None:
-    """Save a randomly initialised base, and record its path so adapters name a base that exists."""
-    built.model.save_pretrained(path)
+def save_base_model(built: BuiltModel, path: Path, *, write: bool = True) -> None:
+    """Save a randomly initialised base (rank 0), and record its path so adapters name a base that exists."""
+    if write:
+        built.model.save_pretrained(path)
     built.model.config._name_or_path = str(path.resolve())
+
+
+def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | Path) -> dict[str, float]:
+    """Evaluate ``base_dir`` + ``adapter_dir`` in this one process on the config's eval split."""
+    from spra_dist import load_adapter
+
+    built = build_model(cfg.model, seed=cfg.seed)
+    model = type(built.model).from_pretrained(base_dir)
+    load_adapter(model, adapter_dir)
+    splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec)
+    return evaluate(model, splits.eval, task=cfg.model.task, pad_id=built.codec.pad_id,
+                    batch_size=cfg.eval_batch_size)
 
 
 def save_run_config(cfg: TrainConfig, model: nn.Module, path: Path) -> None:

@@ -11,15 +11,20 @@ from spra_dist.atomic import write_text_atomic
 
 
 class MetricsLog:
-    """Appends one JSON line per record and keeps the records for the plot."""
+    """Appends one JSON line per record and keeps the records for the plot (only rank 0 writes)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, *, append: bool = False, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
         self.records: list[dict[str, Any]] = []
-        path.write_text("")  # a rerun into the same output_dir starts a fresh log
+        if enabled and append and path.is_file():  # a resumed run continues the curve it left
+            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif enabled:
+            path.write_text("")  # a rerun into the same output_dir starts a fresh log
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
