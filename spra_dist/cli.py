@@ -34,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spra", description="Sparse Random Parameter Adaptation (SpaRA).")
+    # The deepspeed launcher puts --local_rank=N right after the module name (before the command) unless
+    # given --no_local_rank; ranks come from the environment, so it is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model with SpaRA from a YAML config")
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/train/debug_tiny_llama.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides: dotted (spra.lora_rank=4) or a unique leaf name (lora_rank=4)")
-    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=cmd_train)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")

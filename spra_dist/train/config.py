@@ -383,6 +383,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes (mixed_precision=no) as a boolean
+            return "yes" if value else "no"
     elif tp is Any:
         return value
     raise _type_error(key, value, _type_name(tp))
