@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spra_dist import load_adapter
+from spra_dist.adapter import read_adapter
 from spra_dist.train.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -60,8 +60,8 @@ def run_ok(out: Path, *args: str, nproc: int = 1) -> dict:
 
 
 def adapter_rel_diff(a_dir: Path, b_dir: Path) -> float:
-    a = load_file(str(a_dir / "adapter" / "adapter.safetensors"))
-    b = load_file(str(b_dir / "adapter" / "adapter.safetensors"))
+    _, a = read_adapter(a_dir / "adapter")
+    _, b = read_adapter(b_dir / "adapter")
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
 

@@ -81,7 +81,7 @@ def test_save_load_roundtrip(arch, tmp_path):
     total_k = sum(m.k for _, m in spra_modules(model))
     size = (tmp_path / "adapter" / "adapter.safetensors").stat().st_size
     dense = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "spra" not in n)
-    assert size <= (total_k + dense) * 4 + 16 * 1024  # values only, no indices
+    assert size <= (total_k + dense) * 4 + 1024  # values only, no indices, one small header
     fresh = load_adapter(BUILDERS[arch](), tmp_path / "adapter")
     torch.testing.assert_close(out(fresh, ids), expected, rtol=0, atol=0)
 
