@@ -147,7 +147,7 @@ def test_unsynchronised_processes_fail_loudly(tmp_path):
 
 def test_global_batch_must_divide(tmp_path):
     proc = run(tmp_path / "bad", "engine=ddp", "batch_size=7", nproc=2)
-    assert proc.returncode == 2
+    assert proc.returncode != 0  # each rank exits 2; torchrun reports 1
     assert "batch_size=7 is the global batch and must divide by world size 2" in proc.stderr
 
 
