@@ -146,9 +146,9 @@ def test_unsynchronised_processes_fail_loudly(tmp_path):
 
 
 def test_global_batch_must_divide(tmp_path):
-    proc = run(tmp_path / "bad", "engine=ddp", "batch_size=7", nproc=2)
+    proc = run(tmp_path / "bad", "engine=ddp", "batch_size=6", nproc=2)
     assert proc.returncode != 0  # each rank exits 2; torchrun reports 1
-    assert "batch_size=7 is the global batch and must divide by world size 2" in proc.stderr
+    assert "batch_size=6 is the global batch and must divide by world size 2" in proc.stderr
 
 
 def test_bf16_fsdp2_trains(tmp_path):
