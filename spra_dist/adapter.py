@@ -20,7 +20,8 @@ from torch import nn
 
 from spra_dist.atomic import atomic_directory, sha256_file
 from spra_dist.config import SpraConfig
-from spra_dist.distributed import full_tensor, unwrap, world
+from spra_dist.distributed import full_tensor, global_shape, is_sharded, merge_sharded, set_full, unwrap, world
+from spra_dist.layer import SpraLinear
 from spra_dist.masks import MASK_VERSION, SUPPORTED_MASK_VERSIONS
 from spra_dist.model import apply_spra, dense_parameter_names, replace_module, spra_modules
 
@@ -68,8 +69,7 @@ def adapter_config(model: nn.Module) -> dict:
     cfg: SpraConfig = model.spra_config
     mods = spra_modules(model)
     params = dict(model.named_parameters())
-    dense_shapes = {n: list(getattr(params[n], "ds_shape", None) or params[n].shape)
-                    for n in dense_parameter_names(model)}
+    dense_shapes = {n: list(global_shape(params[n])) for n in dense_parameter_names(model)}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -174,8 +174,13 @@ def _check_base(model: nn.Module, config: dict, path: Path) -> None:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
-    """Apply SpaRA to ``model`` as recorded in the adapter (unless already applied) and load its values."""
+    """Apply SpaRA to ``model`` as recorded in the adapter (unless already applied) and load its values.
+
+    Also loads into a SpaRA model that FSDP2 or ZeRO-3 already shards (call it on every rank then): each value
+    tensor is laid out in the engine's own sharding.
+    """
     path = Path(path)
+    model = unwrap(model)
     config, tensors = read_adapter(path)
     if check_base:
         _check_base(model, config, path)
@@ -187,14 +192,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     mods = dict(spra_modules(model))
     _check_layers(mods, config["layers"], path)
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, m in mods.items():
-            m.spra_values.copy_(tensors[f"{name}.spra_values"].to(m.spra_values.dtype))
-        for name, shape in config.get("dense_parameters", {}).items():
-            if name not in params or list(params[name].shape) != shape:
-                raise ValueError(f"adapter {path} has dense parameter {name} {shape}; the model has "
-                                 f"{list(params[name].shape) if name in params else 'none'}")
-            params[name].copy_(tensors[name].to(params[name].dtype))
+    for name, m in mods.items():
+        set_full(m.spra_values, tensors[f"{name}.spra_values"])
+    for name, shape in config.get("dense_parameters", {}).items():
+        if name not in params or list(global_shape(params[name])) != shape:
+            have = list(global_shape(params[name])) if name in params else "none"
+            raise ValueError(f"adapter {path} has dense parameter {name} {shape}; the model has {have}")
+        set_full(params[name], tensors[name])
     return model
 
 
@@ -216,9 +220,18 @@ def _check_layers(mods: dict, layers: dict, path: Path) -> None:
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold every delta into its weight and put plain ``nn.Linear`` / ``Conv1D`` modules back (in place)."""
+    """Fold every delta into its weight and put plain ``nn.Linear`` / ``Conv1D`` modules back (in place).
+
+    On a model FSDP2 or ZeRO-3 shards (call it on every rank), each module is merged on its own — ZeRO-3
+    gathers one weight at a time, FSDP2 merges each rank's own rows — and the modules stay in place, running
+    as plain linears, because the engine's hooks are bound to them.
+    """
+    model = unwrap(model)
     for name, m in spra_modules(model):
-        replace_module(model, name, m.to_plain())
-    if hasattr(model, "spra_config"):
+        if is_sharded(m.weight):
+            merge_sharded(m)
+        else:
+            replace_module(model, name, m.to_plain())
+    if not any(isinstance(m, SpraLinear) for m in model.modules()) and hasattr(model, "spra_config"):
         del model.spra_config
     return model

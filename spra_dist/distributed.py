@@ -142,3 +142,64 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             return p.data.detach().clone()
     return p.detach()
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Held in shards by FSDP2 (a DTensor) or ZeRO-3 (a partitioned parameter)."""
+    return hasattr(p, "device_mesh") or hasattr(p, "ds_id")
+
+
+def global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's full shape (a ZeRO-3 partition's own shape is empty between uses)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def shard_like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``p``: a DTensor with p's mesh and placements under FSDP2, else as is."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+    return full.to(p.device)
+
+
+@torch.no_grad()
+def set_full(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the whole ``value`` into ``p``, whatever engine holds it (a collective under FSDP2 / ZeRO-3)."""
+    value = value.to(p.dtype)
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # rank 0's copy is re-partitioned
+            p.data.copy_(value.to(p.data.device).view_as(p.data))
+    else:
+        p.copy_(shard_like(p, value))
+
+
+@torch.no_grad()
+def merge_sharded(m: nn.Module) -> None:
+    """Fold a SpraLinear's delta into its weight where FSDP2 or ZeRO-3 holds the weight in shards.
+
+    ZeRO-3 gathers this one module's weight, merges, and re-partitions it. FSDP2 needs no weight gather at
+    all: each rank merges the sampled entries that fall in its own rows (FSDP2 shards dim 0 in
+    ``torch.chunk`` pieces), from the k values gathered once. The module stays (the engine's hooks are bound
+    to it) and runs as a plain linear from now on.
+    """
+    if hasattr(m.weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([m.weight, m.spra_values], modifier_rank=0):
+            m.merge()
+        return
+    from spra_dist.layer import merged_entries
+
+    local = m.weight.to_local().view(-1)
+    n_rows, n_cols = m.weight_shape
+    chunk = -(-n_rows // m.weight.device_mesh.size())
+    lo = m.weight.device_mesh.get_local_rank() * chunk * n_cols
+    values = full_tensor(m.spra_values)
+    idx = m.spra_indices
+    mine = (idx >= lo) & (idx < lo + local.numel())
+    pos = idx[mine] - lo
+    local.index_copy_(0, pos, merged_entries(local[pos], values[mine].to(local.device)))
+    m.merged = True

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spra_dist.distributed import full_tensor, world
+from spra_dist.distributed import full_tensor, shard_like, world
 from spra_dist.model import trainable_parameters
 
 ENGINES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
@@ -116,13 +116,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out like parameter ``p``: a DTensor with p's mesh and placements under FSDP2."""
-    full = full.to(dtype=torch.float32 if p.dtype != torch.float64 else p.dtype)
-    if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-    return full.to(p.device).to(p.dtype)
+    """An optimizer moment laid out like parameter ``p`` (fp32 for low-precision parameters)."""
+    return shard_like(p, full.to(torch.float32 if p.dtype != torch.float64 else p.dtype))
 
 
 @dataclass

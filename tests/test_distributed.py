@@ -156,3 +156,17 @@ def test_bf16_fsdp2_trains(tmp_path):
     assert summary["perplexity_after"] < summary["perplexity_before"]
     values = load_file(str(tmp_path / "bf16" / "adapter" / "adapter.safetensors"))
     assert all(v.dtype == torch.float32 for v in values.values())  # fp32 master values
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_load_and_merge_on_a_sharded_model(engine, tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_merge_worker.py"), engine, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    assert result["after_load"] < 1e-5  # the sharded model with the loaded adapter = the 1-process model
+    assert result["after_merge"] < 1e-5  # merged in its shards = the unmerged 1-process model
+    assert result["plain_merge"] < 1e-5
