@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spra_dist.atomic import atomic_directory, sha256_file
+from spra_dist.atomic import atomic_directory, read_verified_json, sha256_file
 from spra_dist.config import SpraConfig
 from spra_dist.distributed import full_tensor, global_shape, is_sharded, merge_sharded, set_full, unwrap, world
 from spra_dist.layer import SpraLinear
@@ -125,23 +125,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     per adapted matrix, dense parameters by their own names). ``ValueError`` naming the file and problem."""
     path = Path(path)
     cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise ValueError(f"{f} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the adapter is damaged, save it again") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a spra_dist adapter config (format={config.get('format')!r})")
+    config = read_verified_json(cfg_file, weights, fmt=FORMAT, checksum_key="adapter_sha256",
+                                what="spra_dist adapter")
     if config.get("mask_version") not in SUPPORTED_MASK_VERSIONS:
         raise ValueError(
             f"{cfg_file}: unknown mask_version {config.get('mask_version')!r}; this spra_dist knows "
             f"{list(SUPPORTED_MASK_VERSIONS)}: upgrade spra_dist to load it"
         )
-    expected = config.get("adapter_sha256")
-    if expected and sha256_file(weights) != expected:
-        raise ValueError(f"{weights} does not match the checksum in {CONFIG_NAME}: truncated or modified")
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for a bad header or short file

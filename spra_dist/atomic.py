@@ -1,8 +1,10 @@
-"""Atomic writes: a reader sees the old directory or file, or the complete new one, never a half-written one."""
+"""Atomic writes (a reader sees the old directory or file, or the complete new one, never a half-written one),
+and the checked read of what was written with a checksum."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -64,3 +66,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_verified_json(meta_file: Path, data_file: Path, *, fmt: str, checksum_key: str, what: str) -> dict:
+    """The JSON written beside a checksummed data file, once both exist, the format tag matches and the data
+    file has the recorded sha256; ``ValueError`` naming the file and the problem otherwise."""
+    for f in (meta_file, data_file):
+        if not f.is_file():
+            raise ValueError(f"{f} not found: {meta_file.parent} is not a complete {what} "
+                             f"(it holds {meta_file.name} and {data_file.name})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_file} is not valid JSON ({e}): the {what} is damaged, write it again") from e
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != fmt:
+        raise ValueError(f"{meta_file} is not a {what} (format={found!r})")
+    expected = meta.get(checksum_key)
+    if expected is not None and sha256_file(data_file) != expected:
+        raise ValueError(f"{data_file} does not match the checksum in {meta_file.name}: truncated or modified")
+    return meta

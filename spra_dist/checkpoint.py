@@ -21,7 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spra_dist.atomic import atomic_directory, sha256_file
+from spra_dist.atomic import atomic_directory, read_verified_json, sha256_file
 from spra_dist.distributed import world
 from spra_dist.engines import ADAM_KEYS
 from spra_dist.model import trainable_parameters
@@ -76,18 +76,9 @@ def save_checkpoint(engine, output_dir: str | Path, *, step: int, mask_seed: int
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and verify one checkpoint directory; ``ValueError`` naming the file and the problem."""
     path = Path(path)
-    meta_file, state_file = path / META_NAME, path / STATE_NAME
-    for f in (meta_file, state_file):
-        if not f.is_file():
-            raise ValueError(f"{f} not found: {path} is not a complete spra_dist checkpoint")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_file} is not valid JSON ({e}): the checkpoint is damaged") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file} is not a spra_dist checkpoint (format={meta.get('format')!r})")
-    if sha256_file(state_file) != meta.get("sha256"):
-        raise ValueError(f"{state_file} does not match its checksum in {META_NAME}: truncated or modified")
+    state_file = path / STATE_NAME
+    meta = read_verified_json(path / META_NAME, state_file, fmt=FORMAT, checksum_key="sha256",
+                              what="spra_dist checkpoint")
     return Checkpoint(path, int(meta["step"]), meta, load_file(str(state_file)))
 
 
