@@ -6,6 +6,11 @@ ENGINE_NAMES="none ddp fsdp2 zero1 zero2 zero3 zero3_offload"
 
 die() { echo "error: $*" >&2; exit 2; }
 
+# The project's own environment (make setup) comes first when it exists and none is active.
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$REPO/.venv/bin/python" ]; then
+  export PATH="$REPO/.venv/bin:$PATH"
+fi
+
 need() {  # the launcher command must come from the project's environment
   command -v "$1" >/dev/null 2>&1 || die "$1 not found on PATH; activate the environment (source .venv/bin/activate) or run make setup"
 }
