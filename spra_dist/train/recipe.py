@@ -150,6 +150,7 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
     stats: dict[str, Any] = {"last_step": start}
     bar = tqdm(range(start, end), desc="train", dynamic_ncols=True, disable=world()[0] != 0)
     metrics: dict[str, float] = {}
+    window: list[float] = []  # losses since the last log line: the logged loss is their mean
     for step in bar:
         started = time.perf_counter()
         micro = micro_batches(splits, cfg, step=step, pad_id=pad_id)
@@ -162,10 +163,12 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
         tokens_per_s = result.tokens * world()[1] / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         done = stats["last_step"] = step + 1
+        window.append(result.loss)
         record: dict[str, Any] = {}
         if done % cfg.log_every == 0 or done == end:
-            record = {"step": done, "loss": result.loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
-                      "grad_norm": result.grad_norm}
+            record = {"step": done, "loss": sum(window) / len(window), "lr": lr,
+                      "tokens_per_s": round(tokens_per_s, 1), "grad_norm": result.grad_norm}
+            window.clear()
             if counter is not None:
                 record["grad_bytes"] = stats["grad_bytes"]
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == end:

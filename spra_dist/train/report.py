@@ -40,7 +40,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path, *, metric: str) -> None
     train = [r for r in records if "loss" in r]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss", color="tab:blue")
+    ax.set_ylabel("train loss (mean over each log interval)", color="tab:blue")
     evals = [r for r in records if metric in r and math.isfinite(r[metric])]
     if evals:
         ax2 = ax.twinx()
