@@ -81,7 +81,8 @@ def agree_seed(seed: int | None, *, group: dist.ProcessGroup | None = None) -> i
 def _entries(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
     from spra_dist.model import spra_modules
 
-    return [(m.spra_key, m.weight_shape, m.spra_indices) for _, m in spra_modules(model)]
+    return [(m.spra_key, m.weight_shape, m.mask() if m.spra_indices.is_meta else m.spra_indices)
+            for _, m in spra_modules(model)]
 
 
 def check_masks(model: nn.Module, *, requested=None, group: dist.ProcessGroup | None = None) -> int:

@@ -178,11 +178,20 @@ class SpraLinear(nn.Module):
         self.register_buffer("_spra_originals", None, persistent=False)
         self.rebuild_indices()
 
+    def mask(self) -> torch.Tensor:
+        """The sorted flat indices on the CPU, rebuilt from the seed (also while the module is on meta)."""
+        return sample_indices(self.seed, self.spra_key, self.weight_shape[0] * self.weight_shape[1], self.k)
+
     def rebuild_indices(self) -> None:
         """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
         device = self.weight.device
-        idx = sample_indices(self.seed, self.spra_key, self.weight_shape[0] * self.weight_shape[1], self.k)
-        self.spra_indices = idx.to("meta" if device.type == "meta" else device)
+        self.spra_indices = self.mask().to("meta" if device.type == "meta" else device)
+
+    @torch.no_grad()
+    def reset_spra_parameters(self) -> None:
+        """Zero delta and a fresh mask: the state right after ``apply_spra``, for a model built on meta."""
+        self.rebuild_indices()
+        self.spra_values.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -133,3 +133,16 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def dense_parameter_names(model: nn.Module) -> list[str]:
     """Trainable parameters that are not SpaRA values (the densely trained ``trainable_modules``)."""
     return [n for n, _ in trainable_parameters(model) if not n.endswith("spra_values")]
+
+
+def reset_spra_parameters(model: nn.Module) -> None:
+    """After a model built on the meta device is materialised (``to_empty``, then the base weights loaded):
+    rebuild every mask from the seed and zero every delta. Works on FSDP2-sharded modules too.
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        apply_spra(model, cfg); apply_fsdp2(model)
+        model.to_empty(device="cuda"); <load base weights>; reset_spra_parameters(model)
+    """
+    for _, m in spra_modules(model):
+        m.reset_spra_parameters()

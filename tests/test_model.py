@@ -107,3 +107,28 @@ def test_merge_identical_outputs_and_only_masked_entries(arch):
             assert set(changed.tolist()) <= set(masks[key].tolist()) and changed.numel() > 0
         else:
             assert changed.numel() == 0, key
+
+
+def test_meta_device_build_then_materialise():
+    """Large models are built on meta, adapted, then materialised: masks rebuild from the seed."""
+    from tiny_models import tiny_llama as build
+
+    from spra_dist.model import reset_spra_parameters
+
+    ids = batch()
+    reference = apply_spra(build(), spra_cfg("llama"))
+    base = build()
+    with torch.device("meta"):
+        model = build()
+    apply_spra(model, spra_cfg("llama"))  # fingerprint and budgets work without any real weight
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(".spra_values") for k in missing)  # the base loads unchanged
+    with torch.no_grad():  # non-persistent base buffers (rotary inv_freq) are the loader's job, as usual
+        for name, buf in base.named_buffers():
+            model.get_buffer(name).copy_(buf)
+    reset_spra_parameters(model)
+    for (_, a), (_, b) in zip(spra_modules(model), spra_modules(reference), strict=True):
+        assert torch.equal(a.spra_indices, b.spra_indices)
+        assert torch.count_nonzero(a.spra_values) == 0
+    torch.testing.assert_close(out(model, ids), out(reference, ids), rtol=0, atol=0)
