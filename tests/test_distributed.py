@@ -3,7 +3,7 @@ state, sparse gradient traffic, portable checkpoints, and loud failures.
 
 Parity is measured per adapter tensor as ||a - b|| / ||a||: AdamW normalises each entry's update, so an
 entry whose gradient is a near-cancelling sum can move by a visible fraction of the learning rate between
-two fp32 summation orders, while the tensor as a whole agrees to ~1e-5.
+two fp32 summation orders, while the tensor as a whole agrees far more closely (4e-7 to 8e-7 measured).
 """
 
 import json
