@@ -11,7 +11,6 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -75,21 +74,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, Path]:
-    """adapter_config.json as a dict, and the path of adapter.safetensors; ValueError if either is missing."""
-    from spra_dist.adapter import CONFIG_NAME, WEIGHTS_NAME
+    """adapter_config.json as a dict, and the path of adapter.safetensors, both checked (format, checksum)."""
+    from spra_dist.adapter import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+    from spra_dist.atomic import read_verified_json
 
     folder = Path(adapter_dir)
-    config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for f in (config_file, weights):
-        if not f.is_file():
-            raise ValueError(f"{f} not found; give a directory written by save_adapter (spra train writes "
-                             f"<output_dir>/adapter)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter is damaged") from None
-    if not isinstance(config, dict) or "layers" not in config:
-        raise ValueError(f"{config_file} is not a SpaRA adapter config (no 'layers' entry)")
+    weights = folder / WEIGHTS_NAME
+    config = read_verified_json(folder / CONFIG_NAME, weights, fmt=FORMAT, checksum_key="adapter_sha256",
+                                what="spra_dist adapter (spra train writes <output_dir>/adapter)")
     return config, weights
 
 
