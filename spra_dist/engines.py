@@ -242,6 +242,10 @@ def fill_deepspeed_config(config: dict, *, batch_size: int, grad_accum: int, wor
     zero = filled.get("zero_optimization", {})
     for key in [k for k, v in zero.items() if v == "auto"]:
         del zero[key]
+    if not torch.cuda.is_available() and zero.get("overlap_comm"):
+        # Overlap needs device streams; DeepSpeed's CPU accelerator has none, so it gains nothing and runs
+        # a reduction path that is rarely exercised on CPU. Off there.
+        zero["overlap_comm"] = False
     return filled
 
 
