@@ -21,7 +21,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spra_dist.distributed import full_tensor, shard_like, world
-from spra_dist.model import trainable_parameters
 
 ENGINES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -153,6 +152,8 @@ class DeepSpeedEngine:
             g["lr"] = lr
 
     def step(self, max_grad_norm: float | None) -> float | None:
+        # The optimizer stepped in forward_backward at the boundary; clipping is the config's
+        # gradient_clipping, which fill_deepspeed_config set from max_grad_norm.
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -267,7 +268,3 @@ def check_batch_split(batch_size: int, grad_accum: int) -> int:
                          f"grad_accum {grad_accum}; use a multiple of {size * grad_accum}")
     return batch_size // (size * grad_accum)
 
-
-def engine_trainable(engine) -> list[tuple[str, torch.Tensor]]:
-    """Trainable parameters by their unwrapped names (the keys of adapters and checkpoints)."""
-    return trainable_parameters(engine.model)

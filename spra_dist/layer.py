@@ -130,8 +130,8 @@ class SpraFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             with torch.no_grad(), _MergedWeight(weight, indices, values):
-                w = weight if transposed else weight.t()  # as (in, out)
-                grad_x = (dy2d @ w.t()).reshape(x.shape)
+                # dX = dY @ W for Linear's (out, in) weight, dY @ Wᵀ for Conv1D's (in, out)
+                grad_x = (dy2d @ (weight.t() if transposed else weight)).reshape(x.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = dy2d.sum(0)
         if ctx.needs_input_grad[3]:

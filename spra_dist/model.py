@@ -38,12 +38,11 @@ def _matches(name: str, pattern: str) -> bool:
         return False
 
 
-def _under(name: str, prefixes: list[str]) -> bool:
-    return any(_matches(name, p) or any(_matches(name[:i], p) for i in _dots(name)) for p in prefixes)
-
-
-def _dots(name: str) -> list[int]:
-    return [i for i, ch in enumerate(name) if ch == "."]
+def _under(name: str, patterns: list[str]) -> bool:
+    """``name`` is, or sits inside, a module matching one of ``patterns``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(_matches(prefix, p) for prefix in prefixes for p in patterns)
 
 
 def select_targets(model: nn.Module, cfg: SpraConfig) -> list[str]:
