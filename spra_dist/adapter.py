@@ -9,7 +9,6 @@ each (0.2 MB of headers on a 70B model), more than many matrices' values.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spra_dist.atomic import atomic_directory, read_verified_json, sha256_file
+from spra_dist.atomic import atomic_files, read_verified_json, sha256_file
+from spra_dist.base_model import base_model_info, check_base_model
 from spra_dist.config import SpraConfig
-from spra_dist.distributed import full_tensor, global_shape, is_sharded, merge_sharded, set_full, unwrap, world
+from spra_dist.distributed import full_tensor, global_shape, is_sharded, merge_sharded, on_rank0, set_full, unwrap
 from spra_dist.layer import SpraLinear
 from spra_dist.masks import MASK_VERSION, SUPPORTED_MASK_VERSIONS
 from spra_dist.model import apply_spra, dense_parameter_names, replace_module, spra_modules
@@ -30,27 +30,6 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT = "spra_dist.adapter"
 FORMAT_VERSION = 1
 PACKED_VALUES = "spra_values"
-
-# Config entries that differ between copies of the same base model (paths, dtype, runtime switches).
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
-    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "problem_type",
-    "_commit_hash", "quantization_config", "gradient_checkpointing",
-}
-
-
-def base_model_info(model: nn.Module) -> dict:
-    """What an adapter records of its base: name, class, full config, and a fingerprint of the config."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return {"name_or_path": None, "class": type(model).__name__, "config": None, "config_fingerprint": None}
-    d = config.to_dict()
-    stable = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"name_or_path": getattr(config, "_name_or_path", None) or None, "class": type(model).__name__,
-            "config": json.loads(json.dumps(d, default=str)), "config_fingerprint": digest}
-
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained tensors, keyed by unwrapped names: ``<module>.spra_values`` and dense parameters.
@@ -97,10 +76,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, 
     if not hasattr(model, "spra_config"):
         raise ValueError(f"{type(model).__name__} has no SpaRA adapter: call apply_spra or load_adapter first")
     state = adapter_state_dict(model) if state is None else state
-    if world()[0] == 0:
-        _write_adapter(model, state, Path(path))
-    if world()[1] > 1:
-        torch.distributed.barrier()  # the files exist on return, on every rank
+    on_rank0(lambda: _write_adapter(model, state, Path(path)))  # the files exist on return, on every rank
     return Path(path)
 
 
@@ -114,24 +90,31 @@ def _write_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Path)
         offset += values[-1].numel()
     if values:
         tensors[PACKED_VALUES] = torch.cat(values)
-    with atomic_directory(path) as tmp:
+    # Only our two files are replaced; the config names the sha256 of the weights it was written with.
+    with atomic_files(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "spra_format": FORMAT})
         config["adapter_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def read_adapter_config(path: str | os.PathLike) -> tuple[dict, Path]:
+    """An adapter directory's config, checked (format, mask_version, the weights' sha256), and the path of its
+    weights file. ``ValueError`` naming the file and the problem."""
+    path = Path(path)
+    config, weights = read_verified_json(path, CONFIG_NAME, WEIGHTS_NAME, fmt=FORMAT, checksum_key="adapter_sha256",
+                                         what="spra_dist adapter (spra train writes <output_dir>/adapter)")
+    if config.get("mask_version") not in SUPPORTED_MASK_VERSIONS:
+        raise ValueError(
+            f"{path / CONFIG_NAME}: unknown mask_version {config.get('mask_version')!r}; this spra_dist knows "
+            f"{list(SUPPORTED_MASK_VERSIONS)}: upgrade spra_dist to load it"
+        )
+    return config, weights
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and check an adapter directory: its config, and its tensors by name (``<module>.spra_values``
     per adapted matrix, dense parameters by their own names). ``ValueError`` naming the file and problem."""
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-    config = read_verified_json(cfg_file, weights, fmt=FORMAT, checksum_key="adapter_sha256",
-                                what="spra_dist adapter")
-    if config.get("mask_version") not in SUPPORTED_MASK_VERSIONS:
-        raise ValueError(
-            f"{cfg_file}: unknown mask_version {config.get('mask_version')!r}; this spra_dist knows "
-            f"{list(SUPPORTED_MASK_VERSIONS)}: upgrade spra_dist to load it"
-        )
+    config, weights = read_adapter_config(path)
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for a bad header or short file
@@ -150,30 +133,19 @@ def _unpack(config: dict, tensors: dict[str, torch.Tensor], weights: Path) -> di
     return tensors
 
 
-def _check_base(model: nn.Module, config: dict, path: Path) -> None:
-    theirs = config.get("base_model") or {}
-    ours = base_model_info(model)
-    if theirs.get("config_fingerprint") and ours["config_fingerprint"] != theirs["config_fingerprint"]:
-        raise ValueError(
-            f"adapter {path} was trained on base {theirs.get('name_or_path') or theirs.get('class')!r} "
-            f"(config fingerprint {theirs['config_fingerprint']}), but this model is "
-            f"{ours['name_or_path'] or ours['class']!r} (fingerprint {ours['config_fingerprint']}): load the "
-            f"matching base, "
-            f"or pass check_base=False if the configs differ only in ways that don't matter"
-        )
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
     """Apply SpaRA to ``model`` as recorded in the adapter (unless already applied) and load its values.
 
     Also loads into a SpaRA model that FSDP2 or ZeRO-3 already shards (call it on every rank then): each value
-    tensor is laid out in the engine's own sharding.
+    tensor is laid out in the engine's own sharding. ``check_base``: refuse a model that is not the adapter's
+    recorded base (model type, config, shape of every adapted weight); pass False only for a base whose config
+    you changed in ways that keep the weights.
     """
     path = Path(path)
     model = unwrap(model)
     config, tensors = read_adapter(path)
     if check_base:
-        _check_base(model, config, path)
+        check_base_model(model, config, adapter=path)
     if not hasattr(model, "spra_config"):
         apply_spra(model, SpraConfig.from_dict(config["spra_config"]))
     elif model.spra_config.seed != config["seed"]:

@@ -11,18 +11,16 @@ a truncated or foreign checkpoint is refused with an error naming the file.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spra_dist.atomic import atomic_directory, read_verified_json, sha256_file
-from spra_dist.distributed import world
+from spra_dist.atomic import atomic_files, read_verified_json, remove_files, sha256_file
+from spra_dist.distributed import on_rank0, world
 from spra_dist.engines import ADAM_KEYS
 from spra_dist.model import trainable_parameters
 
@@ -59,26 +57,25 @@ def save_checkpoint(engine, output_dir: str | Path, *, step: int, mask_seed: int
     """Gather on every rank, write on rank 0 (atomically), keep the newest ``keep`` checkpoints."""
     tensors = gather_state(engine)
     path = checkpoint_dir(output_dir, step)
-    rank, size = world()
-    if rank == 0:
-        with atomic_directory(path) as tmp:
+
+    def write() -> None:
+        with atomic_files(path) as tmp:
             save_file(tensors, str(tmp / STATE_NAME), metadata={"format": "pt", "spra_format": FORMAT})
-            meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": size,
+            meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": world()[1],
                     "mask_seed": mask_seed, "sha256": sha256_file(tmp / STATE_NAME)}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        for old in sorted(path.parent.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    if size > 1:
-        dist.barrier()
+        for old in sorted(path.parent.glob("step-*"))[:-keep] if keep > 0 else []:  # only after a good write
+            remove_files(old, (STATE_NAME, META_NAME))
+
+    on_rank0(write)  # on a full disk every rank stops with the same error; the last good checkpoint stays
     return path
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and verify one checkpoint directory; ``ValueError`` naming the file and the problem."""
     path = Path(path)
-    state_file = path / STATE_NAME
-    meta = read_verified_json(path / META_NAME, state_file, fmt=FORMAT, checksum_key="sha256",
-                              what="spra_dist checkpoint")
+    meta, state_file = read_verified_json(path, META_NAME, STATE_NAME, fmt=FORMAT, checksum_key="sha256",
+                                          what="spra_dist checkpoint")
     return Checkpoint(path, int(meta["step"]), meta, load_file(str(state_file)))
 
 

@@ -2,10 +2,10 @@
 
     spra train --config configs/train/debug_tiny_llama.yaml max_steps=5 spra.lora_rank=4
     spra inspect runs/debug_tiny_llama/adapter
-    spra merge --adapter runs/debug_tiny_llama/adapter --out runs/debug_tiny_llama/merged
+    spra merge --adapter runs/debug_tiny_llama/adapter --out merged/debug_tiny_llama
 
 A mistake in the input (bad key, missing file, wrong value) ends with one ``error: ...`` line on stderr and
-exit status 2.
+exit status 2; a write that fails (full disk, file-size limit, no permission) with one line and status 74.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 # Every model and data set here is local; fail instead of reaching for the hub. Set before transformers loads.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: a config key or value, a path, an adapter or base that doesn't fit
+EXIT_STORAGE = 74  # a write failed (sysexits' EX_IOERR): full disk, file-size limit, no permission
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +27,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ValueError as err:
-        message = " ".join(str(err).split())  # one line, whatever the message's own layout
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(err), EXIT_USAGE)
+    except OSError as err:  # a full disk, a file-size limit, a read-only directory
+        from spra_dist.distributed import describe_os_error
+
+        return _fail(describe_os_error(err), EXIT_STORAGE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message's layout
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (argparse's own add a usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spra", description="Sparse Random Parameter Adaptation (SpaRA).")
+    parser = _Parser(prog="spra", description="Sparse Random Parameter Adaptation (SpaRA).")
     # The deepspeed launcher puts --local_rank=N right after the module name (before the command) unless
     # given --no_local_rank; ranks come from the environment, so it is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -50,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="fold an adapter into its base and save a plain HF model")
     merge.add_argument("--adapter", required=True, help="adapter directory")
-    merge.add_argument("--out", required=True, help="output directory for the merged model")
+    merge.add_argument("--out", required=True,
+                       help="output directory for the merged model (other files in it are kept; not inside the run)")
     merge.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace model and tokenizer files that --out already holds (default: refuse)")
     merge.set_defaults(run=cmd_merge)
     return parser
 
@@ -73,19 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, Path]:
-    """adapter_config.json as a dict, and the path of adapter.safetensors, both checked (format, checksum)."""
-    from spra_dist.adapter import CONFIG_NAME, FORMAT, WEIGHTS_NAME
-    from spra_dist.atomic import read_verified_json
-
-    folder = Path(adapter_dir)
-    weights = folder / WEIGHTS_NAME
-    config = read_verified_json(folder / CONFIG_NAME, weights, fmt=FORMAT, checksum_key="adapter_sha256",
-                                what="spra_dist adapter (spra train writes <output_dir>/adapter)")
-    return config, weights
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from spra_dist.adapter import read_adapter_config
+
     config, weights = read_adapter_config(args.adapter)
     base = config.get("base_model") or {}
     layers = config["layers"]
@@ -119,50 +127,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    config, _ = read_adapter_config(args.adapter)
-    base = args.base or (config.get("base_model") or {}).get("name_or_path")
-    if not base:
-        raise ValueError(f"adapter {args.adapter} records no base model path; pass --base <model directory>")
-    out = merge_to_directory(args.adapter, base=base, out=args.out, adapter_config=config)
+    from spra_dist.merge import merge_to_directory
+
+    out = merge_to_directory(args.adapter, out=args.out, base=args.base, overwrite=args.overwrite)
     print(f"merged model: {out}")
     return 0
-
-
-def merge_to_directory(adapter_dir: str | Path, *, base: str, out: str | Path, adapter_config: dict) -> Path:
-    """Load ``base`` as the class recorded in the adapter, load and merge the adapter, save_pretrained."""
-    import transformers
-
-    from spra_dist import load_adapter, merge_adapter
-    from spra_dist.atomic import atomic_directory
-
-    stored = (adapter_config.get("base_model") or {}).get("config")
-    if not stored:
-        raise ValueError(f"adapter {adapter_dir} records no base model config; it cannot name the class to load")
-    # The stored config (not the base directory's) carries what training changed, e.g. num_labels of a head.
-    hf_config = transformers.AutoConfig.for_model(**stored)
-    architecture = (hf_config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture or "", None)
-    if model_class is None:
-        raise ValueError(f"adapter {adapter_dir} names model class {architecture!r}, which this transformers "
-                         f"{transformers.__version__} does not have")
-    try:
-        model = model_class.from_pretrained(base, config=hf_config)
-    except OSError as err:
-        raise ValueError(f"cannot load base model {base!r} ({err}); pass --base <local model directory>") from None
-    load_adapter(model, adapter_dir)
-    merge_adapter(model)
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        _copy_tokenizer(base, tmp)
-    return Path(out)
-
-
-def _copy_tokenizer(base: str, target: Path) -> None:
-    """Save the base's tokenizer beside the merged weights when it has one (tiny byte-level models don't)."""
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, TypeError):
-        return
-    tokenizer.save_pretrained(target)

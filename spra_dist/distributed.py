@@ -8,8 +8,10 @@ the first differing key, so no rank is left waiting in a collective.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import secrets
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -65,6 +67,46 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def on_rank0(write: Callable[[], object]) -> None:
+    """Run ``write`` (a write, or a check of what is on disk) on rank 0 only, and end on every rank the same
+    way: return when it succeeded, raise its ``OSError`` / ``ValueError`` when it failed. A bare barrier would
+    leave the other ranks waiting for a writer that died on a full disk; here they learn of it and stop with
+    the same one-line error."""
+    rank, size = world()
+    failure: tuple[str, str] | None = None
+    if rank == 0:
+        try:
+            write()
+        except (OSError, ValueError) as err:
+            failure = (type(err).__name__, describe_os_error(err) if isinstance(err, OSError) else str(err))
+    if size > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        kind, message = failure
+        raise ValueError(message) if kind == "ValueError" else OSError(message)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def describe_os_error(err: OSError) -> str:
+    """``cannot write <file>: No space left on device; free space ...`` instead of ``[Errno 28] ...``."""
+    if not err.strerror:
+        return str(err)
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno in _FULL:
+        fix = ("; free space (or raise the file-size limit) and run again: the last complete checkpoint and "
+               "adapter are intact, and resume=auto continues from the checkpoint")
+    elif err.errno in _DENIED:
+        fix = "; choose a directory you can write to"
+    else:
+        fix = ""
+    return f"cannot write{where}: {err.strerror}{fix}"
 
 
 def agree_seed(seed: int | None, *, group: dist.ProcessGroup | None = None) -> int:

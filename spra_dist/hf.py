@@ -26,12 +26,12 @@ checkpoints (needed for ``load_best_model_at_end``) with an ``adapter/`` added t
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from spra_dist.adapter import save_adapter
+from spra_dist.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from spra_dist.atomic import remove_files
 from spra_dist.engines import load_deepspeed_config
 
 ADAPTER_DIR = "adapter"
@@ -119,5 +119,6 @@ def _rotate(output_dir: Path, *, keep: int | None) -> None:
     if not keep or keep <= 0:
         return
     found = sorted((int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)))
-    for _, path in found[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for _, path in found[:-keep]:  # our own files only: anything else in the folder stays, and so does it
+        remove_files(path / ADAPTER_DIR, (WEIGHTS_NAME, CONFIG_NAME))
+        remove_files(path, ("trainer_state.json",))

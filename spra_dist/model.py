@@ -75,6 +75,14 @@ def _example_linear_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})[:8]
 
 
+def check_targets(model: nn.Module, cfg: SpraConfig) -> None:
+    """The errors ``apply_spra(model, cfg)`` would raise for the config and its module names, without
+    changing the model: for callers that must fail before they write anything."""
+    cfg.validate()
+    select_targets(model, cfg)
+    _dense_module_names(model, cfg.trainable_modules)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

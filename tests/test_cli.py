@@ -84,7 +84,7 @@ def test_inspect_prints_layers_and_totals(llama_run, capsys):
 
 
 def _merge_and_compare(run: Path, model_class, input_ids: torch.Tensor, extra: list[str]) -> None:
-    merged = run / "merged"
+    merged = run.parent / f"{run.name}-merged"  # outside the run: merge refuses to write into it
     assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(merged), *extra]) == 0
     with safe_open(str(merged / "model.safetensors"), "pt") as f:
         assert not any("spra" in key for key in f.keys())  # a plain HF checkpoint
@@ -111,7 +111,7 @@ def test_merge_classifier_with_dense_head(bert_run):
 
     ids = torch.tensor([[257, *b"abcmmmzz"]])
     _merge_and_compare(bert_run, BertForSequenceClassification, ids, ["--base", str(bert_run / "base_model")])
-    config = json.loads((bert_run / "merged" / "config.json").read_text())
+    config = json.loads((bert_run.parent / "run-merged" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 3
 
 

@@ -56,17 +56,25 @@ def saved(tmp_path):
 def test_adapter_for_another_shape(saved):
     wider = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match="trained on base"):
+    with pytest.raises(ValueError, match=r"trained on a base of class LlamaForCausalLM.*hidden_size: 32 -> 48"):
         load_adapter(wider, saved)
     with pytest.raises(ValueError, match="model of another shape"):
         load_adapter(wider, saved, check_base=False)
 
 
 def test_adapter_for_another_architecture(saved):
-    with pytest.raises(ValueError, match="trained on base"):
+    with pytest.raises(ValueError, match="model_type is 'gpt2', not 'llama'"):
         load_adapter(tiny_gpt2(), saved)
     with pytest.raises(ValueError, match="another architecture"):
         load_adapter(tiny_gpt2(), saved, check_base=False)
+
+
+def test_adapter_for_a_changed_layer(saved):
+    """Same config, but one adapted weight has another shape: the error names the layer."""
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj = torch.nn.Linear(32, 80, bias=False)
+    with pytest.raises(ValueError, match=r"layer model.layers.1.mlp.up_proj has shape \[64, 32\].*\[80, 32\]"):
+        load_adapter(model, saved)
 
 
 def test_missing_file(saved):
@@ -110,4 +118,5 @@ def test_save_failure_keeps_previous_adapter(saved, monkeypatch):
     with pytest.raises(OSError):
         save_adapter(apply_spra(tiny_llama(), SpraConfig(seed=4)), saved)
     assert (saved / "adapter.safetensors").read_bytes() == before
-    assert sorted(p.name for p in saved.parent.iterdir()) == ["a"]  # no temp directory left behind
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["a"]
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter.safetensors", "adapter_config.json"]  # no temp left

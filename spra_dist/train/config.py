@@ -156,6 +156,10 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in output_dir (fresh start if none); or a
     checkpoint directory. Works across engines and world sizes."""
 
+    overwrite: bool = False
+    """Train into an output_dir that holds an earlier run's adapter, replacing it. Without it (or resume) such
+    a run is refused, so a finished adapter is never lost to a repeated command."""
+
     stop_after: int | None = None
     """End this run after this many optimizer steps in total (the schedule still spans max_steps): for
     time-limited jobs that continue with resume=auto. None: run to max_steps."""
@@ -234,7 +238,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass --config <path to a .yaml>")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{where} "
+                             f"({getattr(err, 'problem', None) or err}); fix the file's syntax") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
     flat = _flatten(raw)
@@ -292,10 +302,30 @@ def resolve_key(key: str) -> str:
     if len(owners) > 1:
         raise ValueError(f"key {key!r} is ambiguous; write one of {', '.join(owners)}")
     bare = {k.split(".")[-1] for k in keys}
-    candidates = keys + sorted(bare)
-    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]!r}?" if near else "see the fields of spra_dist.train.config.TrainConfig"
+    # Names from other tools, so that their spellings (and typos of them) find ours too.
+    candidates = {k: k for k in keys} | {b: b for b in sorted(bare)} | _SYNONYMS
+    near = difflib.get_close_matches(key.lower(), list(candidates), n=1, cutoff=0.6)
+    if not near:  # a short name (lr) is far from its typos by ratio: compare the key's tail too
+        near = difflib.get_close_matches(key.lower().rsplit(".", 1)[-1], list(candidates), n=1, cutoff=0.6)
+    hint = f"did you mean {candidates[near[0]]!r}?" if near else "see the fields of spra_dist.train.config.TrainConfig"
     raise ValueError(f"unknown config key {key!r}; {hint}")
+
+
+# Keys that users of the HF Trainer, PEFT, axolotl and torchtune write for our settings.
+_SYNONYMS = {
+    "learning_rate": "lr", "num_steps": "max_steps", "max_train_steps": "max_steps",
+    "train_batch_size": "batch_size", "global_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "lr_scheduler_type": "schedule", "lr_scheduler": "schedule", "warmup": "warmup_steps",
+    "clip_grad_norm": "max_grad_norm", "gradient_clipping": "max_grad_norm",
+    "save_steps": "checkpoint_every", "save_total_limit": "checkpoint_keep", "logging_steps": "log_every",
+    "eval_steps": "eval_every", "resume_from_checkpoint": "resume", "output": "output_dir",
+    "rank": "spra.lora_rank", "r": "spra.lora_rank", "lora_r": "spra.lora_rank",
+    "target_modules": "spra.target_modules", "modules_to_save": "spra.trainable_modules",
+    "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path",
+    "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "bf16": "mixed_precision",
+}
 
 
 def _flatten(raw: dict[str, Any]) -> dict[str, Any]:

