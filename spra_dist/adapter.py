@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from spra_dist.atomic import atomic_files, read_verified_json, sha256_file
+from spra_dist.atomic import atomic_files, read_verified_json, sha256_file, write_safetensors
 from spra_dist.base_model import base_model_info, check_base_model
 from spra_dist.config import SpraConfig
 from spra_dist.distributed import full_tensor, global_shape, is_sharded, merge_sharded, on_rank0, set_full, unwrap
@@ -92,7 +92,7 @@ def _write_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Path)
         tensors[PACKED_VALUES] = torch.cat(values)
     # Only our two files are replaced; the config names the sha256 of the weights it was written with.
     with atomic_files(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "spra_format": FORMAT})
+        write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "spra_format": FORMAT})
         config["adapter_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -94,10 +94,13 @@ def atomic_files(target: str | os.PathLike) -> Iterator[Path]:
                 raise ValueError(f"{f} is not a plain file; atomic_files writes plain files only")
             _fsync_file(f)
         _fsync_dir(pending)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(pending, ignore_errors=True)
         if created and not any(target.iterdir()):
             target.rmdir()
+        if isinstance(err, OSError) and err.filename and Path(err.filename).parent == pending:
+            # name the file the user asked for, not our temporary copy of it
+            raise OSError(err.errno, err.strerror, str(target / Path(err.filename).name)) from None
         raise
     commit = target / f"{COMMITTED}{time.time_ns():020d}-{pending.name.removeprefix(PENDING)}"
     os.replace(pending, commit)  # the commit point
@@ -133,6 +136,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     with atomic_files(path.parent) as tmp:
         (tmp / path.name).write_text(text)
+
+
+def write_safetensors(tensors: dict, path: Path, *, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, written from Python, so a full disk raises a plain ``OSError`` naming
+    the file (safetensors' own writer raises its own error type). The files written this way are O(k)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None  # write() alone doesn't name the file
 
 
 def sha256_file(path: str | os.PathLike) -> str:

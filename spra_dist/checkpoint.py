@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from spra_dist.atomic import atomic_files, read_verified_json, remove_files, sha256_file
+from spra_dist.atomic import atomic_files, read_verified_json, remove_files, sha256_file, write_safetensors
 from spra_dist.distributed import on_rank0, world
 from spra_dist.engines import ADAM_KEYS
 from spra_dist.model import trainable_parameters
@@ -60,7 +60,7 @@ def save_checkpoint(engine, output_dir: str | Path, *, step: int, mask_seed: int
 
     def write() -> None:
         with atomic_files(path) as tmp:
-            save_file(tensors, str(tmp / STATE_NAME), metadata={"format": "pt", "spra_format": FORMAT})
+            write_safetensors(tensors, tmp / STATE_NAME, metadata={"format": "pt", "spra_format": FORMAT})
             meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": world()[1],
                     "mask_seed": mask_seed, "sha256": sha256_file(tmp / STATE_NAME)}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 from pathlib import Path
 
 from spra_dist.adapter import load_adapter, merge_adapter, read_adapter_config
@@ -37,7 +39,7 @@ def merge_to_directory(adapter_dir: str | Path, *, out: str | Path, base: str | 
     load_adapter(model, adapter_dir)
     merge_adapter(model)
     with atomic_files(out) as tmp:
-        with _no_deepspeed_probe():
+        with _no_deepspeed_probe(), _write_errors_as_os_errors(out):
             model.save_pretrained(tmp)
         _copy_tokenizer(base_dir, tmp)
         clashes = sorted(f.name for f in tmp.iterdir() if (out / f.name).exists())
@@ -122,6 +124,19 @@ def _no_deepspeed_probe():
         yield
     finally:
         other.is_deepspeed_available = saved
+
+
+@contextlib.contextmanager
+def _write_errors_as_os_errors(out: Path):
+    """safetensors reports a failed write (a full disk) with its own error type; make it the OSError it is."""
+    try:
+        yield
+    except Exception as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None or isinstance(err, OSError):
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(out)) from None
 
 
 def _copy_tokenizer(base: str, target: Path) -> None:

@@ -114,7 +114,7 @@ def test_save_failure_keeps_previous_adapter(saved, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_mod, "save_file", boom)
+    monkeypatch.setattr(adapter_mod, "write_safetensors", boom)
     with pytest.raises(OSError):
         save_adapter(apply_spra(tiny_llama(), SpraConfig(seed=4)), saved)
     assert (saved / "adapter.safetensors").read_bytes() == before

@@ -196,6 +196,10 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}; "
                 "pick a batch_size that is a multiple of grad_accum"
             )
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be a non-negative integer")
+        if self.model.task == "classification" and self.model.num_labels < 2:
+            raise ValueError(f"model.num_labels={self.model.num_labels}: classification needs 2 or more classes")
         if self.model.source == "hf" and not self.model.name_or_path:
             raise ValueError("model.source=hf needs model.name_or_path=<local model directory>")
         if not 0.0 < self.data.eval_fraction < 1.0:

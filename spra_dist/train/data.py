@@ -114,7 +114,8 @@ def _rotten_tomatoes(cfg: DataConfig, codec: Codec) -> tuple[TokenSet, TokenSet]
 
 def _text_blocks(path: Path, cfg: DataConfig, codec: Codec) -> tuple[TokenSet, TokenSet]:
     if not path.is_file():
-        raise ValueError(f"data.path={str(path)!r} does not exist; give a UTF-8 text file")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"data.path={str(path)!r} {problem}; give a UTF-8 text file")
     tokens = codec.encode_stream(path.read_text(encoding="utf-8", errors="replace"))
     n = cfg.max_length
     blocks = [tokens[i: i + n] for i in range(0, len(tokens) - n + 1, n)]
