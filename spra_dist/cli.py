@@ -23,12 +23,27 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if args.command == "train":
+        from spra_dist.distributed import exit_rank
+
+        exit_rank(code)  # returns only in a single process (see exit_rank for why ranks leave this way)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args)
     except ValueError as err:
         message = " ".join(str(err).split())  # one line, whatever the message's own layout
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as err:  # the run's documented endings (spra_dist.train.guard, spra_dist.faults)
+        code = getattr(err, "exit_code", None)
+        if code is None:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return code
 
 
 def build_parser() -> argparse.ArgumentParser:
