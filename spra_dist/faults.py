@@ -11,7 +11,10 @@ rank 0 answered, and the error names them.
 from __future__ import annotations
 
 import datetime
+import os
 import re
+import socket
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -25,10 +28,30 @@ class RankLost(RuntimeError):
 
 
 def make_monitor_group(timeout_s: int) -> None:
-    """Create the side group for :func:`explain` (a collective: call it on every rank, right after init)."""
+    """Create the side group for :func:`explain` and learn every rank's host and pid (a collective: call it
+    on every rank, right after init)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         _MONITOR["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        _MONITOR["timeout_s"] = timeout_s
+        where: list = [None] * dist.get_world_size()
+        dist.all_gather_object(where, (socket.gethostname(), os.getpid()))
+        _MONITOR["where"] = where
+
+
+def _local_lost() -> list[str]:
+    """Ranks on this host whose process is gone or stopped (no network needed: read /proc)."""
+    host, lost = socket.gethostname(), []
+    for rank, (rank_host, pid) in enumerate(_MONITOR.get("where") or []):
+        if rank_host != host or pid == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            lost.append(f"rank {rank} (pid {pid}) is dead")
+        elif state in ("T", "t"):
+            lost.append(f"rank {rank} (pid {pid}) is stopped")
+    return lost
 
 
 def forget_monitor_group() -> None:
@@ -50,7 +73,10 @@ def explain(err: BaseException, *, probe_timeout_s: float = 10.0) -> RankLost:
     first = " ".join(str(err).split())[:300]
     group = _MONITOR.get("group")
     lost = "the lost rank could not be determined"
-    if group is not None:
+    local = _local_lost()
+    if local:
+        lost = f"lost: {', '.join(local)}"
+    elif group is not None:
         try:
             dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=probe_timeout_s),
                                    wait_all_ranks=True)

@@ -45,6 +45,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=60)
     seconds = time.monotonic() - sent
+    print(f"SIGTERM to torchrun -> exit: {seconds:.1f} s")
     assert seconds < 30, seconds  # inside torchrun's 30 s grace period
     assert "preempted by SIGTERM" in log, log[-3000:]
     (ckpt,) = sorted((out / "checkpoints").glob("step-*"))
@@ -60,6 +61,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "one"
     result = stress.signal_rank("zero2", "deepspeed", out, sig=signal.SIGUSR1, rank=1, overrides=LONG)
     log = result["log"]
+    print(f"SIGUSR1 to rank 1 only (zero2, deepspeed) -> job ended: {result['seconds']} s, status {result['rc']}")
     assert result["rc"] != 0 and result["seconds"] < 30, (result["rc"], result["seconds"], log[-3000:])
     assert "preempted by SIGUSR1" in log and "preempted by a signal on another rank" in log, log[-3000:]
     (ckpt,) = sorted((out / "checkpoints").glob("step-*"))
@@ -83,6 +85,7 @@ def test_exit_code_of_a_preempted_rank(tmp_path):
 def test_kill9_of_one_rank_ends_the_job_naming_it(engine, launcher, tmp_path):
     result = stress.signal_rank(engine, launcher, tmp_path / "out", sig=signal.SIGKILL, rank=1)
     log = result["log"].replace("rank: 1", "rank 1")
+    print(f"kill -9 rank 1 ({engine}, {launcher}) -> job ended: {result['seconds']} s, status {result['rc']}")
     assert result["rc"] != 0 and result["seconds"] < 60, (result["rc"], result["seconds"], log[-3000:])
     assert "rank 1" in log, log[-3000:]
 
@@ -105,6 +108,7 @@ def test_stopped_rank_is_found_by_the_timeout(tmp_path):
 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    print(f"SIGSTOP rank 1 (dist_timeout_s=15) -> job ended: {seconds:.1f} s")
     assert proc.returncode != 0 and seconds < 120, (seconds, log[-3000:])
     assert "lost: rank 1" in log, log[-3000:]
 
