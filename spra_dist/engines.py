@@ -85,12 +85,18 @@ class TorchEngine:
     def prime(self, micro_batches: list[dict]) -> None:
         """Nothing to do: torch optimizers accept state written before their first step."""
 
-    def step(self, max_grad_norm: float | None) -> float | None:
+    def step(self, max_grad_norm: float | None, *, allow=None) -> float | None:
+        """Clip, then apply the update unless ``allow(grad_norm)`` says no (a step dropped on every rank).
+
+        A dropped step still advances the schedule, so the schedule stays a function of the step index.
+        """
         norm = None
-        if max_grad_norm is not None:
+        if max_grad_norm is not None or allow is not None:  # an infinite bound only measures the norm
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        self.optimizer.step()
+            bound = max_grad_norm if max_grad_norm is not None else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(params, bound))
+        if allow is None or allow(norm):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -129,6 +135,7 @@ class DeepSpeedEngine:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     name: str = "deepspeed"
     config: dict = field(default_factory=dict)
+    _skipped: int = 0
 
     def forward_backward(self, batch: dict, *, n_micro: int, last: bool) -> torch.Tensor:
         # DeepSpeed divides by gradient_accumulation_steps itself, reduces at the accumulation boundary and
@@ -151,11 +158,20 @@ class DeepSpeedEngine:
         for g, lr in zip(groups, saved, strict=True):
             g["lr"] = lr
 
-    def step(self, max_grad_norm: float | None) -> float | None:
+    def step(self, max_grad_norm: float | None, *, allow=None) -> float | None:
         # The optimizer stepped in forward_backward at the boundary; clipping is the config's
-        # gradient_clipping, which fill_deepspeed_config set from max_grad_norm.
+        # gradient_clipping, which fill_deepspeed_config set from max_grad_norm. ZeRO itself drops a step
+        # whose global gradient norm is not finite (the same on every rank, the norm is all-reduced); then
+        # the schedule is advanced here, as the torch engines do for a dropped step.
         norm = self.ds.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        norm = None if norm is None else float(norm)
+        dropped = self.ds.skipped_steps > self._skipped
+        self._skipped = self.ds.skipped_steps
+        if dropped:
+            self.scheduler.step()
+        if allow is not None:  # the agreement (and the count); ZeRO has already applied or dropped the update
+            allow(float("inf") if dropped else norm)
+        return norm
 
     def full_value(self, p: torch.Tensor) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param

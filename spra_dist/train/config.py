@@ -167,6 +167,18 @@ class TrainConfig:
     comm_stats: bool = False
     """Count the bytes handed to collectives per step (metrics.jsonl, summary.json)."""
 
+    dist_timeout_s: int = 300
+    """Seconds any collective may wait for the other ranks before the job fails with an error naming the
+    rank that did not arrive (a hung or stopped rank). Raise it if one step, or a checkpoint write, can
+    take longer; the library defaults (10-30 min) leave a hung job waiting far longer."""
+
+    on_nonfinite: str = "stop"
+    """A non-finite loss or gradient norm on any rank: stop (save the last good state, exit with status 3)
+    or skip (drop that step's update on every rank and count it in metrics.jsonl and summary.json)."""
+
+    max_nonfinite_skips: int = 10
+    """With on_nonfinite=skip: this many dropped steps in a row end the run as stop does."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
 
@@ -217,6 +229,9 @@ class TrainConfig:
         for key in ("checkpoint_every", "checkpoint_keep"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} is negative; use 0 or more")
+        _choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        for key in ("dist_timeout_s", "max_nonfinite_skips"):
+            _positive(key, getattr(self, key))
         if self.stop_after is not None and not 0 < self.stop_after <= self.max_steps:
             raise ValueError(f"stop_after={self.stop_after} must lie in 1..max_steps={self.max_steps}")
         self.spra.validate()

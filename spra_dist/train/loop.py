@@ -76,21 +76,31 @@ class StepResult:
     """Non-padding tokens processed by this rank."""
 
     grad_norm: float | None
-    """Global gradient norm before clipping (None when clipping is off)."""
+    """Global gradient norm before clipping (None when it was not measured)."""
+
+    applied: bool = True
+    """False when the update was dropped on every rank (non-finite loss or gradients)."""
 
 
-def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None) -> StepResult:
+def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None, guard=None) -> StepResult:
     """One optimizer step through the engine: forward + backward per micro batch, then clip and step.
 
-    The engine (spra_dist.engines) hides what DDP / FSDP2 / DeepSpeed do around these three calls.
+    The engine (spra_dist.engines) hides what DDP / FSDP2 / DeepSpeed do around these three calls. With a
+    ``guard`` (spra_dist.train.guard.StepGuard) every rank agrees, before the update, whether to apply it.
     """
-    total, tokens = 0.0, 0
+    losses, tokens = [], 0
     for i, batch in enumerate(micro_batches):
         loss = engine.forward_backward(batch, n_micro=len(micro_batches), last=i == len(micro_batches) - 1)
-        total += loss.item()
+        losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
-    norm = engine.step(max_grad_norm)
-    return StepResult(total / len(micro_batches), tokens, norm)
+    applied = [True]
+
+    def allow(norm: float | None) -> bool:
+        applied[0] = guard.decide(losses=losses, grad_norm=norm)
+        return applied[0]
+
+    norm = engine.step(max_grad_norm, allow=allow if guard is not None else None)
+    return StepResult(sum(losses) / len(losses), tokens, norm, applied[0])
 
 
 @torch.no_grad()

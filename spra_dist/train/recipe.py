@@ -9,6 +9,7 @@ Outputs in ``output_dir``: ``adapter/`` (adapter.safetensors + adapter_config.js
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,25 +34,43 @@ from spra_dist.engines import (
     resolve_engine,
     resolve_mixed_precision,
 )
+from spra_dist.faults import explain, forget_monitor_group, is_collective_failure, make_monitor_group
 from spra_dist.model import check_targets, spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig, to_dict
 from spra_dist.train.data import DataSplits, build_data, collate, global_batch, rank_slice, split_micro
+from spra_dist.train.guard import NonFiniteError, Preempted, StepGuard
 from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the whole recipe on this rank; returns the summary (rank 0 writes ``output_dir/summary.json``)."""
+    """Run the whole recipe on this rank; returns the summary (rank 0 writes ``output_dir/summary.json``).
+
+    Raises :class:`Preempted` after a preemption signal (a checkpoint was written), :class:`NonFiniteError`
+    when non-finite values end the run, and :class:`RankLost` naming the rank when another rank died or hung.
+    """
     cfg.validate()
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(timeout_s=cfg.dist_timeout_s)
+    make_monitor_group(cfg.dist_timeout_s)
     try:
-        return _train(cfg, rank, world_size)
+        with StepGuard(on_nonfinite=cfg.on_nonfinite, max_skips=cfg.max_nonfinite_skips) as guard:
+            summary = _train(cfg, rank, world_size, guard)
+    except (Preempted, NonFiniteError, ValueError, OSError):
+        shutdown()  # every rank raised at the same point: leave together
+        raise
+    except RuntimeError as err:
+        # A peer died or hung: no collective can complete, so skip the goodbye barrier and say who is lost.
+        if world_size > 1 and is_collective_failure(err):
+            raise explain(err, probe_timeout_s=min(30, cfg.dist_timeout_s)) from err
+        raise
     finally:
-        shutdown()
+        forget_monitor_group()
+    shutdown()
+    return summary
 
 
-def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
+def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> dict[str, Any]:
     engine_name = resolve_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, world_size=world_size)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     check_batch_split(cfg.batch_size, cfg.grad_accum)
@@ -87,7 +106,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
     before = evaluate_now()
     log.write({"step": start, **before})
     after, stats = run_steps(engine, splits, cfg, log=log, evaluate_now=evaluate_now, pad_id=built.codec.pad_id,
-                             start=start, counter=counter)
+                             start=start, counter=counter, guard=guard)
 
     state = {name: engine.full_value(p) for name, p in trainable_parameters(engine.model)}
     save_adapter(engine.model, out / "adapter", state=state)
@@ -105,6 +124,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int) -> dict[str, Any]:
         "grad_bytes_per_step": stats.get("grad_bytes"), "comm_bytes_per_step": stats.get("comm_bytes"),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "mask_seed": engine.model.spra_config.seed,
+        "nonfinite_skipped_steps": guard.skipped,
     }
     if rank == 0:
         plot_loss(log.records, out / "loss.png", metric=metric)
@@ -146,10 +166,14 @@ def micro_batches(splits: DataSplits, cfg: TrainConfig, *, step: int, pad_id: in
 
 
 def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, evaluate_now, pad_id: int,
-              start: int = 0, counter: CommCounter | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+              start: int = 0, counter: CommCounter | None = None,
+              guard: StepGuard | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Optimizer steps ``start .. max_steps`` (or ``stop_after``), with logging, evaluation and checkpoints.
 
-    Returns the evaluation after the last step, and step statistics (bytes on the wire per step)."""
+    Returns the evaluation after the last step, and step statistics (bytes on the wire per step). With a
+    ``guard``, a preemption signal ends the run after the step in flight and one checkpoint, and non-finite
+    steps are dropped or stop the run (spra_dist.train.guard)."""
+    guard = guard or StepGuard(on_nonfinite=cfg.on_nonfinite, max_skips=cfg.max_nonfinite_skips)
     engine.model.train()
     end = cfg.stop_after or cfg.max_steps
     stats: dict[str, Any] = {"last_step": start}
@@ -162,15 +186,20 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
         lr = engine.scheduler.optimizer.param_groups[0]["lr"]
         if counter is not None:
             counter.reset()
-        result = train_step(engine, micro, max_grad_norm=cfg.max_grad_norm)
+        result = train_step(engine, micro, max_grad_norm=cfg.max_grad_norm, guard=guard)
         if counter is not None:
             stats.update(grad_bytes=counter.gradient_bytes(), comm_bytes=counter.bytes_by_op())
         tokens_per_s = result.tokens * world()[1] / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         done = stats["last_step"] = step + 1
-        window.append(result.loss)
+        if not result.applied:
+            log.write({"step": done, "nonfinite_skipped": True, "nonfinite_skipped_total": guard.skipped,
+                       "loss": result.loss if math.isfinite(result.loss) else None})
+            _stop_if_nonfinite(guard, engine, cfg, step)
+        else:
+            window.append(result.loss)
         record: dict[str, Any] = {}
-        if done % cfg.log_every == 0 or done == end:
+        if window and (done % cfg.log_every == 0 or done == end):  # a dropped step logs its own line
             record = {"step": done, "loss": sum(window) / len(window), "lr": lr,
                       "tokens_per_s": round(tokens_per_s, 1), "grad_norm": result.grad_norm}
             window.clear()
@@ -181,11 +210,25 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
             record = {"step": done, **record, **metrics}
         if record:
             log.write(record)
-        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end):
-            save_checkpoint(engine, cfg.output_dir, step=done, mask_seed=engine.model.spra_config.seed,
-                            keep=cfg.checkpoint_keep)
+        saved = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end)
+        if saved or (guard.preempt and done < end):
+            path = save_checkpoint(engine, cfg.output_dir, step=done, mask_seed=engine.model.spra_config.seed,
+                                   keep=max(cfg.checkpoint_keep, 1))
+        if guard.preempt and done < end:  # every rank agreed on the signal in this step's decision
+            bar.close()
+            raise Preempted(guard.preempted_message(done, path), step=done)
     bar.close()
     return metrics or evaluate_now(), stats
+
+
+def _stop_if_nonfinite(guard: StepGuard, engine, cfg: TrainConfig, step: int) -> None:
+    """After a dropped step: when the policy ends the run, save the last good state (``step`` updates)."""
+    try:
+        guard.check_nonfinite(step + 1)
+    except NonFiniteError:
+        save_checkpoint(engine, cfg.output_dir, step=step, mask_seed=engine.model.spra_config.seed,
+                        keep=max(cfg.checkpoint_keep, 1))
+        raise
 
 
 def _gather_ints(value: int) -> list[int]:
