@@ -22,10 +22,10 @@ pytestmark = pytest.mark.slow
 LONG = ("max_steps=30", "lr=1e-2", "max_grad_norm=null", "batch_size=8", "schedule=linear")
 
 
-@pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("fsdp2", "accelerate"), ("zero1", "deepspeed"),
-                                              ("zero2", "accelerate"), ("zero3", "torchrun")])
+@pytest.mark.parametrize("engine, launcher", [("zero1", "deepspeed"), ("zero3", "accelerate")])
 def test_finished_job_exits_zero_without_abort(engine, launcher, tmp_path):
-    # make stress runs every engine x launcher N times; here one run of each engine, launchers rotated.
+    # make stress runs every engine x launcher N times; the suite runs the two routes where the abort was seen
+    # (tests/test_launchers.py and the fault tests below finish jobs through every other route).
     result = stress.run_once(engine, launcher, tmp_path / "out")
     assert result["rc"] == 0 and not result["abort"] and result["outputs"], result
 
