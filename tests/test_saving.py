@@ -3,7 +3,6 @@ set, ``spra merge`` refuses outputs over a run and bases that are not the adapte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_bert, tiny_llama
+from tree import tree_hash
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
 from spra_dist.adapter import read_adapter
@@ -23,16 +23,6 @@ from spra_dist.checkpoint import save_checkpoint
 from spra_dist.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tree_hash(root: Path) -> str:
-    """Names, sizes and bytes of everything under ``root``."""
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        h.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def adapted(seed: int, fill: float, model=None, **spra):

@@ -3,7 +3,6 @@ command. The previous complete state always survives, resumable, and errors are 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import tiny_llama
+from tree import tree_hash
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
 from spra_dist.checkpoint import find_latest, read_checkpoint, resolve_resume
@@ -190,15 +190,6 @@ def test_bit_flipped_checkpoint_is_refused_and_auto_resume_skips_it(checkpointed
         resolve_resume(str(run / "checkpoints" / "step-00000003"), run)
     with pytest.warns(UserWarning, match="skipping checkpoint .*step-00000003"):
         assert resolve_resume("auto", run).step == 2  # the newest one that verifies
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        h.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def test_a_repeated_run_does_not_overwrite_the_adapter(checkpointed, capsys):
