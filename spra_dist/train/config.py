@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from spra_dist.config import SpraConfig
+from spra_dist.train.trackers import check_tracker
 
 MODEL_SOURCES = ("minilm", "smollm2", "tiny_llama", "tiny_gpt2", "tiny_bert", "hf")
 TASKS = ("classification", "causal_lm")
@@ -164,6 +165,10 @@ class TrainConfig:
     """End this run after this many optimizer steps in total (the schedule still spans max_steps): for
     time-limited jobs that continue with resume=auto. None: run to max_steps."""
 
+    report_to: str = "none"
+    """none | tensorboard (event files in output_dir/tensorboard) | wandb (an offline run in output_dir/wandb):
+    the scalars of metrics.jsonl and the config, from rank 0."""
+
     comm_stats: bool = False
     """Count the bytes handed to collectives per step (metrics.jsonl, summary.json)."""
 
@@ -225,6 +230,7 @@ class TrainConfig:
         if self.model.task == "causal_lm" and self.data.source == "rotten_tomatoes":
             raise ValueError("data.source=rotten_tomatoes is a classification set; use model.task=classification")
         _choice("engine", self.engine, ("auto", "none", "ddp", "fsdp2", "deepspeed"))
+        check_tracker(self.report_to)
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         for key in ("checkpoint_every", "checkpoint_keep"):
             if getattr(self, key) < 0:
@@ -344,6 +350,7 @@ _SYNONYMS = {
     "target_modules": "spra.target_modules", "modules_to_save": "spra.trainable_modules",
     "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path",
     "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "bf16": "mixed_precision",
+    "report": "report_to", "tracker": "report_to", "logger": "report_to",
 }
 
 

@@ -42,6 +42,7 @@ from spra_dist.train.guard import NonFiniteError, Preempted, StepGuard
 from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
+from spra_dist.train.trackers import open_tracker
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -101,7 +102,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> di
         load_optimizer(engine, ckpt)
         set_schedule_step(engine.scheduler, start)
 
-    log = MetricsLog(out / "metrics.jsonl", append=ckpt is not None, enabled=rank == 0)
+    tracker = open_tracker(cfg.report_to, out, to_dict(cfg)) if rank == 0 else None
+    log = MetricsLog(out / "metrics.jsonl", append=ckpt is not None, enabled=rank == 0, tracker=tracker)
     evaluate_now = _evaluator(engine.model, splits, cfg, built.codec.pad_id)
     before = evaluate_now()
     log.write({"step": start, **before})
@@ -129,6 +131,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> di
     if rank == 0:
         plot_loss(log.records, out / "loss.png", metric=metric)
         write_summary(out / "summary.json", summary)
+    log.close()
     return summary
 
 

@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step), ``loss.png``, ``summary.json``."""
+"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step, also sent to ``report_to``), ``loss.png``,
+``summary.json``."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from spra_dist.atomic import atomic_files, write_text_atomic
+from spra_dist.train.trackers import Tracker
 
 
 class MetricsLog:
-    """Appends one JSON line per record and keeps the records for the plot (only rank 0 writes)."""
+    """Appends one JSON line per record, keeps the records for the plot and hands each to the tracker, if any
+    (only rank 0 writes)."""
 
-    def __init__(self, path: Path, *, append: bool = False, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, *, append: bool = False, enabled: bool = True, tracker: Tracker | None = None):
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         self.records: list[dict[str, Any]] = []
         if enabled and append and path.is_file():  # a resumed run continues the curve it left
             self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -28,6 +31,13 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, *, metric: str) -> None:
