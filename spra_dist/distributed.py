@@ -192,7 +192,7 @@ def merge_sharded(m: nn.Module) -> None:
         with deepspeed.zero.GatheredParameters([m.weight, m.spra_values], modifier_rank=0):
             m.merge()
         return
-    from spra_dist.layer import merged_entries
+    from spra_dist.kernels import merged_entries
 
     local = m.weight.to_local().view(-1)
     n_rows, n_cols = m.weight_shape
