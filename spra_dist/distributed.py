@@ -196,12 +196,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank, whatever engine holds it: FSDP2 DTensor, ZeRO-3 partition or plain.
+    """The whole tensor on every rank, whatever engine holds it: FSDP2 DTensor, ZeRO-3 partition or plain; for a
+    DeepSpeed bf16/fp16 parameter, the fp32 master copy its optimizer keeps.
 
     A collective under FSDP2 and ZeRO-3: call it on every rank.
     """
     if hasattr(p, "full_tensor"):
         return p.full_tensor()
+    if p.dtype in (torch.float16, torch.bfloat16) and (hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")):
+        # DeepSpeed in bf16/fp16 computes with a low-precision copy; its optimizer holds the fp32 master values.
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            return master.detach().clone()
     if hasattr(p, "ds_id"):
         import deepspeed
 
@@ -257,7 +265,7 @@ def merge_sharded(m: nn.Module) -> None:
         with deepspeed.zero.GatheredParameters([m.weight, m.spra_values], modifier_rank=0):
             m.merge()
         return
-    from spra_dist.layer import merged_entries
+    from spra_dist.kernels import merged_entries
 
     local = m.weight.to_local().view(-1)
     n_rows, n_cols = m.weight_shape

@@ -71,6 +71,9 @@ class TorchEngine:
     runner: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast_dtype: torch.dtype | None = None
+    """none / DDP with mixed_precision=bf16: the forward runs under torch.autocast in this dtype (the model and
+    its values stay fp32); None for fp32, and for FSDP2, whose MixedPrecisionPolicy casts instead."""
 
     def forward_backward(self, batch: dict, *, n_micro: int, last: bool) -> torch.Tensor:
         """Loss of one micro batch, its gradient accumulated; gradients cross the wire only on the last."""
@@ -78,9 +81,16 @@ class TorchEngine:
             self.model.set_requires_gradient_sync(last)
         sync = self.runner.no_sync() if self.name == "ddp" and not last else contextlib.nullcontext()
         with sync:  # DDP decides in forward whether this backward all-reduces
-            loss = self.runner(**batch).loss
+            with self.autocast():
+                loss = self.runner(**batch).loss
             (loss / n_micro).backward()
         return loss.detach()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """torch.autocast for the forward when this engine trains in mixed precision that way, else a no-op."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(_device_type(self.model), dtype=self.autocast_dtype)
 
     def prime(self, micro_batches: list[dict]) -> None:
         """Nothing to do: torch optimizers accept state written before their first step."""
@@ -198,23 +208,26 @@ class DeepSpeedEngine:
 
 def build_torch_engine(name: str, model: nn.Module, make_optimizer, make_scheduler, *,
                        mixed_precision: str) -> TorchEngine:
-    """Wrap for ``none`` / ``ddp`` / ``fsdp2``; the optimizer is built after wrapping (FSDP2's DTensors)."""
+    """Wrap for ``none`` / ``ddp`` / ``fsdp2``; the optimizer is built after wrapping (FSDP2's DTensors).
+
+    ``mixed_precision=bf16``: FSDP2 casts parameters and inputs (``MixedPrecisionPolicy``); none and DDP keep
+    an fp32 model and run each forward under ``torch.autocast(dtype=bfloat16)``."""
     runner = model
     if name == "ddp":
-        if mixed_precision != "no":
-            raise ValueError("mixed_precision=bf16 needs engine=fsdp2 or deepspeed; DDP here trains in the "
-                             "model's dtype (set model.dtype=bfloat16 for a bf16 base)")
         # Frozen weights don't require grad, so DDP's buckets hold only the sparse values (and heads).
         runner = DistributedDataParallel(model, device_ids=_device_ids())
     elif name == "fsdp2":
         from spra_dist.fsdp import DEFAULT_MP, apply_fsdp2
 
         apply_fsdp2(model, mp_policy=DEFAULT_MP if mixed_precision == "bf16" else None)
-    elif mixed_precision != "no":
-        raise ValueError("mixed_precision=bf16 needs engine=fsdp2 or deepspeed (set model.dtype=bfloat16 "
-                         "for a bf16 single-process run)")
+    autocast = torch.bfloat16 if mixed_precision == "bf16" and name in ("none", "ddp") else None
     optimizer = make_optimizer(model)
-    return TorchEngine(name, model, runner, optimizer, make_scheduler(optimizer))
+    return TorchEngine(name, model, runner, optimizer, make_scheduler(optimizer), autocast_dtype=autocast)
+
+
+def _device_type(model: nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return "cpu" if param is None else param.device.type
 
 
 def _device_ids() -> list[int] | None:

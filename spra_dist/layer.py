@@ -5,7 +5,9 @@ weight, running the ordinary matmul and writing the ``k`` saved originals back: 
 dense delta, and the frozen weight is restored bit for bit (no add-then-subtract drift in bf16).
 
 Backward gives the input gradient through the merged weight, and the values' gradient as the sampled
-product ``Σ_tokens dY[:, row] · X[:, col]`` at the ``k`` positions (SDDMM) — never a dense ``dW``.
+product ``Σ_tokens dY[:, row] · X[:, col]`` at the ``k`` positions (SDDMM) — never a dense ``dW``. The kernels
+live in ``spra_dist.kernels`` (custom ops, so ``torch.autocast`` and ``torch.compile`` treat the layer like
+``nn.Linear``); the module calls one function, ``spra_linear``.
 
 The module keeps the base layer's ``weight`` and ``bias`` names, so base checkpoints load unchanged and every
 engine's hooks (FSDP2, ZeRO-3) see and gather the module's own parameters. ``spra_indices`` is a
@@ -20,15 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spra_dist.kernels import merged_entries, spra_linear
 from spra_dist.masks import sample_indices
 
 try:  # GPT-2 style layers keep their weight as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
-
-# Rows of the sampled product computed at once in the fallback path (bounds its temporary memory).
-_SDDMM_CHUNK = 1 << 14
 
 # torch warns once that CSR tensors are "beta"; we only build one and call sampled_addmm on it, both pinned by
 # tests against a dense float64 reference, so the warning would only alarm users.
@@ -37,108 +37,6 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
-
-
-def merged_entries(originals: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``originals + values`` added in at least fp32, rounded once to the weight's dtype."""
-    acc = torch.promote_types(originals.dtype, torch.float32)
-    return (originals.to(acc) + values.to(acc)).to(originals.dtype)
-
-
-class _MergedWeight:
-    """Context manager: the weight holds ``W + delta`` at the sampled positions inside the block only."""
-
-    def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
-        self.flat, self.indices, self.values = weight.view(-1), indices, values
-
-    def __enter__(self) -> None:
-        self.saved = self.flat[self.indices]  # a gather: a copy of k entries
-        self.flat.index_copy_(0, self.indices, merged_entries(self.saved, self.values))
-
-    def __exit__(self, *exc) -> None:
-        self.flat.index_copy_(0, self.indices, self.saved)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums over tokens run in at least fp32, whatever the activations' dtype."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _sampled_gather(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Fallback for devices without sparse CSR kernels: gathered rows multiplied and summed, in chunks."""
-    acc = _acc_dtype(a.dtype)
-    out = torch.empty(rows.numel(), dtype=acc, device=a.device)
-    at, bt = a.t().contiguous(), b.t().contiguous()  # (m, T), (n, T): gathered rows are contiguous in T
-    for s in range(0, rows.numel(), _SDDMM_CHUNK):
-        r, c = rows[s:s + _SDDMM_CHUNK], cols[s:s + _SDDMM_CHUNK]
-        out[s:s + r.numel()] = (at[r].to(acc) * bt[c].to(acc)).sum(1)
-    return out
-
-
-def sampled_matmul_t(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``(aᵀ @ b).view(-1)[indices]`` for ``a`` (T, m), ``b`` (T, n) and sorted flat ``indices`` into (m, n),
-    without forming the (m, n) product.
-
-    Sorted row-major flat indices are already in CSR order, so ``torch.sparse.sampled_addmm`` computes one
-    vectorised dot product over the tokens per entry, reusing a row of ``aᵀ`` across its row's entries: about
-    20x faster than gathering rows of ``aᵀ`` and ``bᵀ`` into temporaries (see docs/benchmarks.md). Its CPU
-    kernel takes fp32/fp64 only, so bf16/fp16 activations are summed in fp32.
-    """
-    acc = _acc_dtype(a.dtype)
-    n_rows = a.shape[1]
-    if a.device.type not in ("cpu", "cuda"):
-        return _sampled_gather(a, b, indices // n_cols, indices % n_cols)
-    # Row pointers by binary search on the flat indices: O(rows · log k), no division over k.
-    bounds = torch.arange(n_rows + 1, device=indices.device, dtype=indices.dtype) * n_cols
-    crow = torch.searchsorted(indices, bounds)
-    mask = torch.sparse_csr_tensor(crow, indices % n_cols, torch.zeros(indices.numel(), dtype=acc, device=a.device),
-                                   (n_rows, n_cols), check_invariants=False)
-    return torch.sparse.sampled_addmm(mask, a.t().to(acc), b.to(acc), beta=0.0).values()
-
-
-def sampled_weight_grad(x2d: torch.Tensor, dy2d: torch.Tensor, indices: torch.Tensor, *,
-                        shape: tuple[int, int], transposed: bool) -> torch.Tensor:
-    """Entries of the weight gradient at the flat ``indices`` of a weight stored with ``shape``.
-
-    Linear stores (out, in) and ``dW = dYᵀ X``; Conv1D stores (in, out) and ``dW = Xᵀ dY``.
-    """
-    n_cols = shape[1]
-    if transposed:
-        return sampled_matmul_t(x2d, dy2d, indices, n_cols)
-    return sampled_matmul_t(dy2d, x2d, indices, n_cols)
-
-
-class SpraFunction(torch.autograd.Function):
-    """``y = x @ W_mergedᵀ + b`` (Linear) or ``x @ W_merged + b`` (Conv1D), gradient only for the values."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, transposed: bool):
-        with torch.no_grad(), _MergedWeight(weight, indices, values):
-            y = _plain_linear(x, weight, bias, transposed)
-        # Only the activation goes through save_for_backward (so checkpointing and offloading hooks see
-        # it); parameters and the mask stay on ctx, which also spares the weight a version check that a
-        # second call of a shared module would trip.
-        ctx.save_for_backward(x)
-        ctx.weight, ctx.values, ctx.indices, ctx.transposed = weight, values, indices, transposed
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        weight, values, indices, transposed = ctx.weight, ctx.values, ctx.indices, ctx.transposed
-        dy2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_bias = grad_values = None
-        if ctx.needs_input_grad[0]:
-            with torch.no_grad(), _MergedWeight(weight, indices, values):
-                # dX = dY @ W for Linear's (out, in) weight, dY @ Wᵀ for Conv1D's (in, out)
-                grad_x = (dy2d @ (weight.t() if transposed else weight)).reshape(x.shape)
-        if ctx.needs_input_grad[2]:
-            grad_bias = dy2d.sum(0)
-        if ctx.needs_input_grad[3]:
-            x2d = x.reshape(-1, x.shape[-1])
-            grad_values = sampled_weight_grad(x2d, dy2d, indices, shape=tuple(weight.shape),
-                                              transposed=transposed).to(values.dtype)
-        return grad_x, None, grad_bias, grad_values, None, None
 
 
 def _plain_linear(x, weight, bias, transposed: bool):
@@ -196,7 +94,7 @@ class SpraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return _plain_linear(x, self.weight, self.bias, self.transposed)
-        return SpraFunction.apply(x, self.weight, self.bias, self.spra_values, self.spra_indices, self.transposed)
+        return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed)
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense delta (for inspection and tests; training never builds it)."""

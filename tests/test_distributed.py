@@ -170,3 +170,16 @@ def test_load_and_merge_on_a_sharded_model(engine, tmp_path):
     assert result["after_load"] < 1e-5  # the sharded model with the loaded adapter = the 1-process model
     assert result["after_merge"] < 1e-5  # merged in its shards = the unmerged 1-process model
     assert result["plain_merge"] < 1e-5
+
+
+def test_bf16_autocast_under_none_and_ddp(reference, tmp_path):
+    """mixed_precision=bf16 without a sharding engine: torch.autocast in the forward, fp32 model and values."""
+    single = run_ok(tmp_path / "none", "engine=none", "mixed_precision=bf16")
+    ddp = run_ok(tmp_path / "ddp", "engine=ddp", "mixed_precision=bf16", nproc=2)
+    for summary in (single, ddp):
+        assert summary["mixed_precision"] == "bf16"
+        assert summary["perplexity_after"] < summary["perplexity_before"]
+    assert adapter_rel_diff(tmp_path / "none", tmp_path / "ddp") < 1e-4
+    assert adapter_rel_diff(reference, tmp_path / "none") > 1e-3  # autocast really ran: not the fp32 adapter
+    values = load_file(str(tmp_path / "ddp" / "adapter" / "adapter.safetensors"))
+    assert all(v.dtype == torch.float32 for v in values.values())

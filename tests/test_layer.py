@@ -104,7 +104,7 @@ def test_zero_values_equal_base():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 7, 300, 48 * 40])  # one entry, rows left empty, typical, every entry
 def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k):
-    from spra_dist.layer import _sampled_gather, sampled_weight_grad
+    from spra_dist.kernels import sampled_gather, sampled_weight_grad
     from spra_dist.masks import sample_indices
 
     torch.manual_seed(3)
@@ -114,10 +114,122 @@ def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k):
     x, dy = torch.randn(tokens, n_in, dtype=dtype), torch.randn(tokens, n_out, dtype=dtype)
     dense = x.double().t() @ dy.double() if transposed else dy.double().t() @ x.double()
     expected = dense.view(-1)[idx]
-    got = sampled_weight_grad(x, dy, idx, shape=shape, transposed=transposed)
+    got = sampled_weight_grad(x, dy, idx, transposed=transposed)
     a, b = (x, dy) if transposed else (dy, x)
-    fallback = _sampled_gather(a, b, idx // shape[1], idx % shape[1])
+    fallback = sampled_gather(a, b, idx // shape[1], idx % shape[1])
     tol = 1e-12 if dtype == torch.float64 else 1e-4  # bf16 inputs are exact in fp32; only the sum order differs
     for out in (got, fallback):
         assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
+
+
+def autocast_reference(layer: SpraLinear, x: torch.Tensor, device: str, dtype: torch.dtype):
+    """What the plain layer computes with W + delta (fp32) under the same autocast: ``F.linear`` for Linear,
+    ``addmm`` as transformers' Conv1D does. Returns the output and the dense weight (for dW)."""
+    w = (layer.weight.detach() + layer.get_delta_weight()).requires_grad_(True)
+    with torch.autocast(device, dtype=dtype):
+        if layer.transposed:
+            y = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+        else:
+            y = nn.functional.linear(x, w, layer.bias)
+    return y, w
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_autocast_bf16_cpu_matches_dense_reference(kind):
+    layer = make_layer(kind, True, dtype=torch.float32, n_in=64, n_out=48, k=300)
+    with torch.no_grad():
+        layer.spra_values.mul_(0.05)
+    before = layer.weight.detach().clone()
+    x = torch.randn(4, 10, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref, w_ref = autocast_reference(layer, x_ref, "cpu", torch.bfloat16)
+    assert y.dtype == y_ref.dtype == torch.bfloat16  # what autocast gives a plain linear
+    g = torch.randn(y.shape)
+    (y.float() * g).sum().backward()
+    (y_ref.float() * g).sum().backward()
+
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1.6e-2, atol=1e-2)  # bf16 tolerance
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1.6e-2, atol=1e-2)
+    grad = layer.spra_values.grad
+    assert grad.dtype == torch.float32  # fp32 master values keep an fp32 gradient
+    scale = w_ref.grad.abs().max()
+    torch.testing.assert_close(grad, w_ref.grad.view(-1)[layer.spra_indices], rtol=0, atol=1.6e-2 * scale)
+    # Summed in fp32 from the bf16 operands, it equals the float64 product of those operands closely.
+    xb = x.detach().to(torch.bfloat16).double().reshape(-1, 64)
+    gb = g.to(torch.bfloat16).double().reshape(-1, 48)
+    exact = (xb.t() @ gb) if layer.transposed else (gb.t() @ xb)
+    torch.testing.assert_close(grad.double(), exact.view(-1)[layer.spra_indices], rtol=0, atol=1e-4 * scale)
+    assert torch.equal(layer.weight, before) and layer.weight.grad is None
+
+
+def test_autocast_keeps_low_precision_values_dtype():
+    """Values stored in bf16 (FSDP2's param_dtype, DeepSpeed bf16) get a bf16 gradient."""
+    layer = make_layer("linear", False, dtype=torch.bfloat16)
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert layer.spra_values.grad.dtype == torch.bfloat16
+
+
+def test_dtype_mismatch_outside_autocast_names_the_fix():
+    layer = make_layer("linear", True, dtype=torch.float32)
+    with pytest.raises(ValueError, match="run the forward under torch.autocast"):
+        layer(torch.randn(2, 24, dtype=torch.bfloat16))
+
+
+_DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 autocast with GradScaler on CUDA needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_fp16_grad_scaler_trains_and_skips_overflow(device):
+    """fp16 autocast + GradScaler: scaled gradients are unscaled to the fp32 values; an overflow skips the step."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, device=device)
+    layer = SpraLinear(base, name="proj", k=64, seed=3)
+    before = layer.weight.detach().clone()
+    opt = torch.optim.SGD([layer.spra_values], lr=0.1)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
+    x = torch.randn(16, 32, device=device)
+    target = torch.randn(16, 16, device=device)
+    losses = []
+    for _ in range(20):
+        with torch.autocast(device, dtype=torch.float16):
+            y = layer(x)
+            assert y.dtype == torch.float16
+            loss = (y.float() - target).pow(2).mean()
+        scaler.scale(loss).backward()
+        assert layer.spra_values.grad.dtype == torch.float32
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.weight, before)
+
+    # A loss scale that overflows fp16 in the backward: GradScaler sees inf in the values' gradient and skips.
+    values = layer.spra_values.detach().clone()
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 60)
+    with torch.autocast(device, dtype=torch.float16):
+        loss = (layer(x).float() - target).pow(2).mean()
+    scaler.scale(loss).backward()
+    assert not torch.isfinite(layer.spra_values.grad).all()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(layer.spra_values.detach(), values) and scaler.get_scale() < 2.0 ** 60
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema (no undeclared mutation: the merge is undone inside the op), fake tensors, autograd, AOT dispatch."""
+    from spra_dist.kernels.ops import linear_op
+
+    for kind in ("linear", "conv1d"):
+        layer = make_layer(kind, True, dtype=torch.float32)
+        x = torch.randn(3, 24, requires_grad=True)
+        result = torch.library.opcheck(linear_op, (x, layer.weight, layer.bias, layer.spra_values,
+                                                   layer.spra_indices, layer.transposed))
+        assert set(result.values()) == {"SUCCESS"}, result

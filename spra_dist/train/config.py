@@ -145,7 +145,8 @@ class TrainConfig:
     zero3_offload) or a JSON path; its "auto" values are filled from this config."""
 
     mixed_precision: str = "auto"
-    """no | bf16 (bf16 compute, fp32 master values; fsdp2 and deepspeed), or auto: accelerate's setting."""
+    """no | bf16 (bf16 compute, fp32 master values: torch.autocast under none and ddp, the engine's own bf16
+    under fsdp2 and deepspeed), or auto: accelerate's setting."""
 
     checkpoint_every: int = 0
     """Write a resume checkpoint (O(k): values, AdamW moments, step, RNG) every this many steps; 0: never."""

@@ -1,0 +1,13 @@
+"""The adapted layer's kernels: the merged-weight matmul, the input gradient and the values' sampled gradient.
+
+``spra_linear`` is the one entry point (``SpraLinear.forward`` calls it); it dispatches to ``torch.library``
+custom ops (``spra_dist::linear``, ``spra_dist::input_grad``, ``spra_dist::values_grad``) so that eager mode,
+``torch.autocast`` and ``torch.compile`` all see the same opaque, differentiable op.
+"""
+
+from spra_dist.kernels.merge import MergedWeight, merged_entries
+from spra_dist.kernels.ops import spra_linear
+from spra_dist.kernels.sddmm import sampled_gather, sampled_matmul_t, sampled_weight_grad
+
+__all__ = ["MergedWeight", "merged_entries", "sampled_gather", "sampled_matmul_t", "sampled_weight_grad",
+           "spra_linear"]
