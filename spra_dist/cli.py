@@ -3,6 +3,7 @@
     spra train --config configs/train/debug_tiny_llama.yaml max_steps=5 spra.lora_rank=4
     spra inspect runs/debug_tiny_llama/adapter
     spra merge --adapter runs/debug_tiny_llama/adapter --out merged/debug_tiny_llama
+    spra generate --adapter runs/debug_tiny_llama/adapter "To be, or not" --compare
 
 A mistake in the input (bad key, missing file, wrong value) ends with one ``error: ...`` line on stderr and
 exit status 2; a write that fails (full disk, file-size limit, no permission) with one line and status 74.
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true",
                        help="replace model and tokenizer files that --out already holds (default: refuse)")
     merge.set_defaults(run=cmd_merge)
+
+    gen = commands.add_parser("generate", help="complete a prompt with the base plus an adapter (greedy)")
+    gen.add_argument("prompt")
+    gen.add_argument("--adapter", required=True, help="adapter directory")
+    gen.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--compare", action="store_true", help="print the base model's completion too")
+    gen.set_defaults(run=cmd_generate)
     return parser
 
 
@@ -145,4 +155,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     out = merge_to_directory(args.adapter, out=args.out, base=args.base, overwrite=args.overwrite)
     print(f"merged model: {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from spra_dist.generate import generate
+
+    results = generate(args.adapter, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
+                       chat=args.chat, compare=args.compare)
+    if not args.compare:
+        print(results["adapter"])
+        return 0
+    for name, text in results.items():
+        print(f"--- {name}\n{text}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class SpraConfig:
@@ -24,6 +26,10 @@ class SpraConfig:
 
     trainable_modules: list[str] = field(default_factory=list)
     """Modules trained densely (a task head such as ``classifier``); never also adapted."""
+
+    value_dtype: str = "float32"
+    """dtype of the trained values: ``float32`` (at least fp32, whatever the weight's dtype: Adam's small updates
+    survive on a bf16 / fp16 base, as PEFT keeps adapters in fp32) or ``auto`` (the weight's own dtype)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad value and the fix."""
@@ -50,8 +56,17 @@ class SpraConfig:
                 f"trainable_modules must be a list, got the string {self.trainable_modules!r}; "
                 f"write [{self.trainable_modules!r}]"
             )
+        if self.value_dtype not in ("float32", "auto"):
+            raise ValueError(f"value_dtype={self.value_dtype!r}: use float32 (fp32 master values, the default) or "
+                             f"auto (the weight's dtype)")
         if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or null, got {self.seed!r}")
+
+    def values_dtype_for(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the values of a weight of ``weight_dtype``."""
+        if self.value_dtype == "auto":
+            return weight_dtype
+        return torch.promote_types(weight_dtype, torch.float32)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

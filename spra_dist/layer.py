@@ -55,7 +55,7 @@ class SpraLinear(nn.Module):
     the indices are ``sample_indices(seed, f"{name}.weight", weight.numel(), k)``.
     """
 
-    def __init__(self, base: nn.Module, *, name: str, k: int, seed: int):
+    def __init__(self, base: nn.Module, *, name: str, k: int, seed: int, value_dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise TypeError(f"SpraLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
@@ -71,7 +71,9 @@ class SpraLinear(nn.Module):
         self.in_features, self.out_features = (n_rows, n_cols) if self.transposed else (n_cols, n_rows)
         self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
         self.merged = False
-        self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=self.weight.dtype, device=self.weight.device))
+        # value_dtype: fp32 master values on a bf16 / fp16 weight (the merged forward adds in fp32, rounds once)
+        self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
+                                                    device=self.weight.device))
         self.register_buffer("spra_indices", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("_spra_originals", None, persistent=False)
         self.rebuild_indices()

@@ -108,7 +108,8 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
     for name in targets:
         base = model.get_submodule(name)
         k = budget(tuple(base.weight.shape), lora_rank=cfg.lora_rank, density=cfg.density)
-        replace_module(model, name, SpraLinear(base, name=name, k=k, seed=cfg.seed))
+        replace_module(model, name, SpraLinear(base, name=name, k=k, seed=cfg.seed,
+                                               value_dtype=cfg.values_dtype_for(base.weight.dtype)))
     for name in dense:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
