@@ -19,10 +19,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from spra_dist.kernels import merged_entries, spra_linear
+from spra_dist.kernels import merged_entries, plain_linear, spra_linear
 from spra_dist.masks import sample_indices
 
 try:  # GPT-2 style layers keep their weight as (in, out)
@@ -37,15 +36,6 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
-
-
-def _plain_linear(x, weight, bias, transposed: bool):
-    if not transposed:
-        return F.linear(x, weight, bias)
-    y = x.reshape(-1, x.shape[-1]) @ weight
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[-1])
 
 
 class SpraLinear(nn.Module):
@@ -95,7 +85,7 @@ class SpraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return _plain_linear(x, self.weight, self.bias, self.transposed)
+            return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
         return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed)
 
     def get_delta_weight(self) -> torch.Tensor:

@@ -41,12 +41,17 @@ def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor,
     with torch.autocast(x.device.type, enabled=False), MergedWeight(weight, indices, values):
         w = weight.to(x.dtype)  # the merged weight itself when the dtypes agree: used inside the block only
         b = None if bias is None else bias.to(x.dtype)
-        if not transposed:
-            return F.linear(x, w, b)
-        y = x.reshape(-1, x.shape[-1]) @ w
-        if b is not None:
-            y = y + b
-        return y.reshape(*x.shape[:-1], w.shape[-1])
+        return plain_linear(x, w, b, transposed=transposed)
+
+
+def plain_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> Tensor:
+    """``nn.Linear`` (weight ``(out, in)``) or GPT-2 ``Conv1D`` (weight ``(in, out)``) on ``x``."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    y = x.reshape(-1, x.shape[-1]) @ weight
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[-1])
 
 
 @linear_op.register_fake
