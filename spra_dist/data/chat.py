@@ -1,7 +1,7 @@
 """Type chat: OpenAI ``messages`` (or ShareGPT through column_map and roles) rendered by a chat template.
 
-The trained text of a turn is what the template adds for it after the generation prompt: the content and the
-template's end-of-turn marker (``<|im_end|>`` for ChatML), without the whitespace that follows. Found by
+The trained text of a turn is what the template adds for it from the content on: the content and the template's
+end-of-turn marker (``<|im_end|>`` for ChatML), without the whitespace that follows. Found by
 rendering prefixes of the conversation, so any template works that renders a conversation as the
 concatenation of its turns (the property generation relies on too); one that doesn't is refused.
 """
@@ -102,17 +102,21 @@ def trained_ranges(prep: Prep, row: int, talk: list[dict]) -> tuple[str, list[tu
     text = render(template, talk, codec=codec)
     trained = []
     for i, message in enumerate(talk):
-        if message["role"] not in prep.roles_to_train:
+        if message["role"] not in prep.roles_to_train or not message["content"]:
             continue
-        head = render(template, talk[:i], codec=codec, add_generation_prompt=True)
+        before = render(template, talk[:i], codec=codec)
         upto = render(template, talk[: i + 1], codec=codec)
-        if not (text.startswith(upto) and upto.startswith(head)):
+        at = upto.find(message["content"], len(before))
+        if at < 0 and message["role"] == "assistant":  # the template rewrites the content: start after the header
+            head = render(template, talk[:i], codec=codec, add_generation_prompt=True)
+            at = len(head) if upto.startswith(head) else -1
+        if not (text.startswith(upto) and upto.startswith(before)) or at < 0:
             raise bad_row(prep, row, f"the chat template does not render turn {i} as a prefix of the "
                           "conversation, so its trained tokens cannot be found",
                           "use data.chat_template=chatml or a template that renders turn by turn")
         end = len(upto.rstrip())
-        if end > len(head):
-            trained.append((len(head), end))
+        if end > at:
+            trained.append((at, end))
     return text, trained
 
 

@@ -82,18 +82,28 @@ def load_entry(entry: DatasetEntry, *, where: str, cache_dir: Path):
     if fmt == "disk":
         ds = _from_disk(files[0], entry, where)
     else:
+        empty = [f for f in files if f.stat().st_size == 0]
+        if empty:
+            raise ValueError(f"{where}: {str(empty[0])!r} is empty; give a file with rows, or drop it from the entry")
         kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
         try:
             ds = datasets.load_dataset("csv" if fmt == "tsv" else fmt, data_files={"train": [str(f) for f in files]},
                                        split=entry.split, cache_dir=str(cache_dir), **kwargs)
         except (ValueError, KeyError) as err:
+            if "corresponds to no data" in str(err):
+                raise ValueError(f"{where}: split {entry.split!r} of {entry.path!r} is empty; check the file and the "
+                                 "split's slice") from None
+            if "instruction" in str(err).lower():
+                raise ValueError(f"{where}.split={entry.split!r} is not a valid slice ({err}); write e.g. "
+                                 "train[:90%] or train[10:20]") from None
             if "split" in str(err).lower() or isinstance(err, KeyError):
                 raise ValueError(f"{where}.split={entry.split!r} is not in {entry.path!r} ({err}); files give one "
                                  "split, train, sliced like train[:90%] or train[100:200]") from None
             raise ValueError(f"{where}.path={entry.path!r} could not be read as {fmt}: {err}") from None
         except Exception as err:  # pyarrow and pandas parse errors have many types; say which file failed
-            raise ValueError(f"{where}.path={entry.path!r} could not be read as {fmt} "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); fix the file") from None
+            first = (str(err).splitlines() or [""])[0][:300]
+            raise ValueError(f"{where}.path={entry.path!r} could not be read as {fmt} ({type(err).__name__}"
+                             f"{': ' + first if first else ''}); fix the file") from None
     ds = apply_column_map(ds, entry, where)
     if entry.max_samples is not None:
         ds = ds.select(range(min(len(ds), entry.max_samples)))
