@@ -21,7 +21,7 @@ from spra_dist.data import bundled, chat, formats
 from spra_dist.data.cache import cache_key, cache_root, prepared
 from spra_dist.data.config import DataConfig, DatasetEntry
 from spra_dist.data.load import file_signature, hold_out, load_entry, require_columns, resolve_files
-from spra_dist.data.tokens import TokenSet, pack
+from spra_dist.data.tokens import TokenSet, column, pack
 from spra_dist.train.models import Codec
 
 BUILDERS = {"text": formats.build_text, "completion": formats.build_completion, "alpaca": formats.build_alpaca,
@@ -58,7 +58,7 @@ def build_data(cfg: DataConfig, *, task: str, codec: Codec, num_labels: int = 2,
                          "use more data, a smaller data.max_length or a larger eval share")
     packs = None
     if cfg.sample_packing:
-        packs = pack(np.asarray(train.with_format("numpy")["length"]), cfg.max_length)
+        packs = pack(column(train, "length"), cfg.max_length)
     splits = DataSplits(TokenSet(train, packs=packs), TokenSet(evals), label_names=meta.get("label_names"),
                         stats=meta.get("stats", {}), end_of_turn=meta.get("end_of_turn"))
     splits.stats.update(train_examples=len(train), eval_examples=len(evals),
@@ -198,7 +198,7 @@ def _apply(batch: dict, *, builder, prep: formats.Prep) -> dict:
 
 
 def _keep(ds, *, split: str, cfg: DataConfig):
-    status = np.asarray(ds.with_format("numpy")["status"])
+    status = column(ds, "status")
     long, untrained = int((status == formats.LONG).sum()), int((status == formats.UNTRAINED).sum())
     kept = np.flatnonzero(status == formats.KEEP)
     if not len(kept):

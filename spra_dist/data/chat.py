@@ -66,13 +66,11 @@ def end_of_turn(template: str, codec: Codec) -> str:
 
 
 def build_chat(batch: dict, prep: Prep) -> dict[str, list]:
-    rows = []
-    for row, messages in zip(batch["__row__"], batch["messages"], strict=True):
-        talk = normalise(prep, row, messages)
-        text, trained = trained_ranges(prep, row, talk)
-        ids, labels = mark(prep.codec, text, trained, special=False, eos=False)
-        rows.append(finish(prep, row, ids, labels))
-    return _collect(rows)
+    items = [trained_ranges(prep, row, normalise(prep, row, messages))
+             for row, messages in zip(batch["__row__"], batch["messages"], strict=True)]
+    marked = mark(prep.codec, items, special=False, eos=False)
+    return _collect(finish(prep, row, ids, labels) for row, (ids, labels) in zip(batch["__row__"], marked,
+                                                                                 strict=True))
 
 
 def normalise(prep: Prep, row: int, messages) -> list[dict]:

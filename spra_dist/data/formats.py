@@ -61,14 +61,22 @@ def check_text(prep: Prep, row: int, column: str, value, *, optional: bool = Fal
     return value
 
 
-def mark(codec: Codec, text: str, trained: list[tuple[int, int]], *, special: bool, eos: bool) -> tuple[list, list]:
-    """Tokenise ``text`` once; label the tokens overlapping a trained character range, then EOS if asked."""
-    ids, spans = codec.encode_offsets(text, special=special)
-    labels = [i if any(s < e_r and e > s_r for s_r, e_r in trained) and e > s else IGNORE
-              for i, (s, e) in zip(ids, spans, strict=True)]
-    if eos:
-        ids, labels = ids + [codec.eos_id], labels + [codec.eos_id]
-    return ids, labels
+def mark(codec: Codec, items: list[tuple[str, list[tuple[int, int]]]], *, special: bool,
+         eos: bool) -> list[tuple[list[int], list[int]]]:
+    """Tokenise each (text, trained ranges) once, the batch in one call; label the tokens overlapping a trained
+    character range (tokens without text, such as BOS, never), then append a trained EOS if asked."""
+    out = []
+    encoded = codec.encode_offsets([text for text, _ in items], special=special)
+    for (text, trained), (ids, spans) in zip(items, encoded, strict=True):
+        if trained == [(0, len(text))]:  # all of it (text, train_on_inputs)
+            labels = [i if e > s else IGNORE for i, (s, e) in zip(ids, spans, strict=True)]
+        else:
+            labels = [i if e > s and any(s < e_r and e > s_r for s_r, e_r in trained) else IGNORE
+                      for i, (s, e) in zip(ids, spans, strict=True)]
+        if eos:
+            ids, labels = ids + [codec.eos_id], labels + [codec.eos_id]
+        out.append((ids, labels))
+    return out
 
 
 def finish(prep: Prep, row: int, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int]:
@@ -99,41 +107,40 @@ def _collect(rows) -> dict[str, list]:
 
 def build_text(batch: dict, prep: Prep) -> dict[str, list]:
     """Causal LM on raw text: every token trained, BOS (if the tokenizer adds one) + text + EOS."""
-    rows = []
-    for row, text in zip(batch["__row__"], batch["text"], strict=True):
-        text = check_text(prep, row, "text", text)
-        ids, labels = mark(prep.codec, text, [(0, len(text))], special=True, eos=True)
-        rows.append(finish(prep, row, ids, labels))
-    return _collect(rows)
+    texts = [check_text(prep, row, "text", t) for row, t in zip(batch["__row__"], batch["text"], strict=True)]
+    marked = mark(prep.codec, [(t, [(0, len(t))]) for t in texts], special=True, eos=True)
+    return _collect(finish(prep, row, ids, labels) for row, (ids, labels) in zip(batch["__row__"], marked,
+                                                                                 strict=True))
 
 
-def _prompted(prep: Prep, row: int, prompt: str, answer: str) -> tuple[list[int], list[int], int]:
-    text = prompt + answer
-    trained = [(0, len(text))] if prep.train_on_inputs else [(len(prompt), len(text))]
-    ids, labels = mark(prep.codec, text, trained, special=True, eos=True)
-    return finish(prep, row, ids, labels)
+def _prompted(prep: Prep, rows: list[int], pairs: list[tuple[str, str]]) -> dict[str, list]:
+    """prompt + answer per row; the answer (or, with train_on_inputs, all of it) trained, then EOS."""
+    items = []
+    for prompt, answer in pairs:
+        text = prompt + answer
+        items.append((text, [(0, len(text))] if prep.train_on_inputs else [(len(prompt), len(text))]))
+    marked = mark(prep.codec, items, special=True, eos=True)
+    return _collect(finish(prep, row, ids, labels) for row, (ids, labels) in zip(rows, marked, strict=True))
 
 
 def build_completion(batch: dict, prep: Prep) -> dict[str, list]:
     """prompt + completion (joined as written: put any separator in the data); loss on the completion."""
-    rows = []
-    for row, prompt, completion in zip(batch["__row__"], batch["prompt"], batch["completion"], strict=True):
-        rows.append(_prompted(prep, row, check_text(prep, row, "prompt", prompt),
-                              check_text(prep, row, "completion", completion)))
-    return _collect(rows)
+    pairs = [(check_text(prep, row, "prompt", p), check_text(prep, row, "completion", c))
+             for row, p, c in zip(batch["__row__"], batch["prompt"], batch["completion"], strict=True)]
+    return _prompted(prep, batch["__row__"], pairs)
 
 
 def build_alpaca(batch: dict, prep: Prep) -> dict[str, list]:
     """The Alpaca prompt around instruction (+ input); loss on output."""
-    rows = []
+    pairs = []
     inputs = batch.get("input") or [None] * len(batch["__row__"])
     for row, instruction, extra, output in zip(batch["__row__"], batch["instruction"], inputs, batch["output"],
                                                strict=True):
         instruction = check_text(prep, row, "instruction", instruction)
         extra = check_text(prep, row, "input", extra, optional=True)
         prompt = (ALPACA_INPUT if extra.strip() else ALPACA).format(instruction=instruction, input=extra)
-        rows.append(_prompted(prep, row, prompt, check_text(prep, row, "output", output)))
-    return _collect(rows)
+        pairs.append((prompt, check_text(prep, row, "output", output)))
+    return _prompted(prep, batch["__row__"], pairs)
 
 
 def build_classification(batch: dict, prep: Prep) -> dict[str, list]:

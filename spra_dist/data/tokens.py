@@ -20,6 +20,13 @@ import torch
 IGNORE = -100
 
 
+def column(ds, name: str) -> np.ndarray:
+    """One int column as an int64 array, read as one Arrow slice (not row by row)."""
+    if not len(ds):
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(ds.select_columns([name]).with_format("numpy")[:][name], dtype=np.int64)
+
+
 class TokenSet:
     """Examples in a memory-mapped ``datasets.Dataset`` (input_ids, labels or label, length, n_trained),
     optionally grouped into packs. ``len`` counts items: examples, or packs when packed."""
@@ -28,11 +35,10 @@ class TokenSet:
         self.ds = ds
         self.packs = packs
         self.classification = "label" in ds.column_names
-        self._lengths = np.asarray(ds.with_format("numpy")["length"], dtype=np.int64) if len(ds) else np.zeros(0)
+        self._lengths = column(ds, "length")
         self._pack_lengths = None if packs is None else np.array([self._lengths[p].sum() for p in packs],
                                                                  dtype=np.int64)
-        self._trained = (np.asarray(ds.with_format("numpy")["n_trained"], dtype=np.int64)
-                         if "n_trained" in ds.column_names and len(ds) else np.zeros(len(ds), dtype=np.int64))
+        self._trained = column(ds, "n_trained") if "n_trained" in ds.column_names else np.zeros(len(ds), np.int64)
 
     def __len__(self) -> int:
         return len(self.packs) if self.packs is not None else len(self.ds)

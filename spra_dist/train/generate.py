@@ -61,7 +61,7 @@ def generate_eval(model: nn.Module, tokens: TokenSet, *, codec: Codec, n: int, m
     model.eval()
     stop = {codec.eos_id}
     if end_of_turn:
-        eot_ids = codec.encode_offsets(end_of_turn, special=False)[0]
+        eot_ids = codec.encode_offsets([end_of_turn], special=False)[0][0]
         if len(eot_ids) == 1:
             stop.add(eot_ids[0])
     samples = []

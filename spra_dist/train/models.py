@@ -40,9 +40,10 @@ class Codec(Protocol):
         """A long text without special tokens (to be cut into causal-LM blocks)."""
         ...
 
-    def encode_offsets(self, text: str, *, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of ``text`` and each token's character span (special tokens added by the tokenizer
-        get an empty span); ``special``: add the model's BOS / CLS tokens."""
+    def encode_offsets(self, texts: list[str], *, special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Per text, token ids and each token's character span (special tokens added by the tokenizer get an
+        empty span); ``special``: add the model's BOS / CLS tokens. One call for a batch (fast tokenizers
+        encode it in parallel)."""
         ...
 
     def encode_pair(self, text: str, pair: str | None, max_length: int | None) -> list[int]:
@@ -78,13 +79,16 @@ class ByteCodec:
     def encode_stream(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_offsets(self, text: str, *, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, spans = ([BYTE_BOS], [(0, 0)]) if special else ([], [])
-        for i, char in enumerate(text):
-            data = char.encode("utf-8")
-            ids += data
-            spans += [(i, i + 1)] * len(data)
-        return ids, spans
+    def encode_offsets(self, texts: list[str], *, special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        out = []
+        for text in texts:
+            ids, spans = ([BYTE_BOS], [(0, 0)]) if special else ([], [])
+            for i, char in enumerate(text):
+                data = char.encode("utf-8")
+                ids += data
+                spans += [(i, i + 1)] * len(data)
+            out.append((ids, spans))
+        return out
 
     def encode_pair(self, text: str, pair: str | None, max_length: int | None) -> list[int]:
         ids = [BYTE_BOS, *text.encode("utf-8")]
@@ -120,15 +124,14 @@ class HFCodec:
         # verbose=False: the "longer than model_max_length" warning does not apply to text cut into blocks.
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def encode_offsets(self, text: str, *, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_offsets(self, texts: list[str], *, special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"{type(self.tokenizer).__name__} is a slow tokenizer: masks need character "
                              "offsets; save the model with a fast tokenizer (tokenizer.json)")
-        out = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
-        ids, spans = out["input_ids"], [tuple(s) for s in out["offset_mapping"]]
-        # Tokens the tokenizer added (BOS) have no text: give them an empty span so no mask selects them.
-        specials = set(self.tokenizer.all_special_ids)
-        return ids, [(0, 0) if i in specials and e - s == 0 else (s, e) for i, (s, e) in zip(ids, spans, strict=True)]
+        out = self.tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
+        # Tokens the tokenizer added (BOS) come with an empty span, so no trained range selects them.
+        return [(ids, [tuple(s) for s in spans]) for ids, spans in zip(out["input_ids"], out["offset_mapping"],
+                                                                       strict=True)]
 
     def encode_pair(self, text: str, pair: str | None, max_length: int | None) -> list[int]:
         if max_length is None:
