@@ -460,7 +460,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise _type_error(key, value, _type_name(tp))
-        return [coerce(f"{key}[{i}]", item, item_tp) for i, item in enumerate(value)]
+        indexed = dataclasses.is_dataclass(item_tp)  # entries of data.datasets are named data.datasets[i]
+        return [coerce(f"{key}[{i}]" if indexed else key, item, item_tp) for i, item in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
