@@ -284,3 +284,28 @@ def test_dataset_entries_from_yaml_and_overrides(tmp_path):
     assert cfg.data.source == "datasets"
     with pytest.raises(ValueError, match="unknown key data.datasets\\[0\\].pth; did you mean 'path'"):
         load_config(None, ["data.datasets=[{pth: a.jsonl}]"])
+
+
+def test_dataset_processes_give_the_same_tokens(tmp_path):
+    rows = [{"prompt": f"q{i}:", "completion": " a" * (i % 7 + 1)} for i in range(40)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"datasets": entries(tmp_path / "rows.jsonl", "completion"), "val_set_size": 4}
+    one = splits_of(tmp_path, data)
+    two = splits_of(tmp_path, {**data, "dataset_processes": 2, "dataset_prepared_path": str(tmp_path / "c2")})
+    assert one.stats["cache"] != two.stats["cache"]
+    assert one.train.ds["input_ids"] == two.train.ds["input_ids"] and one.train.ds["labels"] == two.train.ds["labels"]
+
+
+def test_classification_label_names_reach_the_adapter_and_summary(tmp_path):
+    from spra_dist.train.recipe import train
+
+    entry = entries(DATA / "labels.csv", "classification", column_map={"text": "review", "label": "sentiment"})
+    cfg = config(tmp_path, {"datasets": entry, "eval_datasets": entry}, task="classification",
+                 max_steps=1, batch_size=3, output_dir=str(tmp_path / "run"),
+                 spra={"target_modules": "all-linear", "lora_rank": 2, "trainable_modules": ["classifier"]})
+    cfg.model.source = "tiny_bert"
+    summary = train(cfg)
+    assert summary["label_names"] == ["bad", "good"]
+    assert {"accuracy_after", "macro_f1_after"} <= set(summary)
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["label_names"] == ["bad", "good"]
