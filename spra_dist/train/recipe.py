@@ -186,7 +186,7 @@ def micro_batches(splits: DataSplits, cfg: TrainConfig, *, step: int, pad_id: in
     if not splits.train.classification:
         per = max(1, splits.train.n_trained(indices)) / (world_size * len(parts))
         for batch in batches:
-            batch["num_items_in_batch"] = torch.tensor(per, dtype=torch.float32)
+            batch["num_items_in_batch"] = per  # a float: engines cast tensor inputs (DeepSpeed bf16), not floats
     return batches
 
 
