@@ -309,3 +309,12 @@ def test_classification_label_names_reach_the_adapter_and_summary(tmp_path):
     assert {"accuracy_after", "macro_f1_after"} <= set(summary)
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["label_names"] == ["bad", "good"]
+
+
+def test_val_set_size_keeps_duplicates_on_one_side(tmp_path):
+    rows = [{"text": f"row {i % 10}"} for i in range(60)]  # every text six times
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = splits_of(tmp_path, {"datasets": entries(tmp_path / "dup.jsonl", "text"), "val_set_size": 0.3})
+    train = {bytes(s.train.example(i)["input_ids"][1:-1]).decode() for i in range(len(s.train))}
+    evals = {bytes(s.eval.example(i)["input_ids"][1:-1]).decode() for i in range(len(s.eval))}
+    assert train and evals and not train & evals and len(s.eval) % 6 == 0

@@ -167,7 +167,7 @@ def row_ranks(ds) -> np.ndarray:
     out = np.empty(len(ds), dtype=np.float64)
     pos = 0
     for batch in ds.iter(batch_size=10_000):
-        cols = list(batch)
+        cols = [c for c in batch if c != "__row__"]  # the row number would split duplicates
         for i in range(len(batch[cols[0]])):
             text = json.dumps([batch[c][i] for c in cols], default=str, ensure_ascii=False)
             out[pos] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2**64
