@@ -318,3 +318,16 @@ def test_val_set_size_keeps_duplicates_on_one_side(tmp_path):
     train = {bytes(s.train.example(i)["input_ids"][1:-1]).decode() for i in range(len(s.train))}
     evals = {bytes(s.eval.example(i)["input_ids"][1:-1]).decode() for i in range(len(s.eval))}
     assert train and evals and not train & evals and len(s.eval) % 6 == 0
+
+
+def test_packing_is_refused_where_attention_mixes_documents():
+    import transformers as tf
+
+    from spra_dist.data.packing import check_packing
+
+    check_packing(build_model(load_config(None).model, seed=0).model)  # tiny Llama keeps documents apart
+    opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                         num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match="OPTForCausalLM .* lets packed documents attend to each other.*"
+                                         "sample_packing=false"):
+        check_packing(opt)
