@@ -55,7 +55,7 @@ def preprocess(folder: Path, data: Path, processes: int) -> dict:
     cfg = folder / f"{data.stem}.yaml"
     cfg.write_text(yaml.safe_dump({
         "model": {"source": "smollm2", "task": "causal_lm"},
-        "data": {"datasets": [{"path": str(data), "type": "text"}], "val_set_size": 0.001, "max_length": 4096,
+        "data": {"datasets": [{"path": str(data), "type": "text"}], "val_set_size": 100, "max_length": 4096,
                  "dataset_processes": processes, "dataset_prepared_path": str(folder / f"cache-{data.stem}")}}))
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
