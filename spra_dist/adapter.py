@@ -66,8 +66,11 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None,
+                 label_names: list[str] | None = None) -> Path:
     """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``path``, atomically.
+
+    ``label_names``: a classifier's class names in id order, recorded as ``label_names`` in the config.
 
     Works on a plain, DDP, FSDP2 or DeepSpeed model: under torch.distributed call it on every rank (the k
     values are gathered), and rank 0 writes. ``state`` lets a caller pass values it already gathered.
@@ -76,12 +79,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, 
     if not hasattr(model, "spra_config"):
         raise ValueError(f"{type(model).__name__} has no SpaRA adapter: call apply_spra or load_adapter first")
     state = adapter_state_dict(model) if state is None else state
-    on_rank0(lambda: _write_adapter(model, state, Path(path)))  # the files exist on return, on every rank
+    on_rank0(lambda: _write_adapter(model, state, Path(path), label_names))  # the files exist on return, on every rank
     return Path(path)
 
 
-def _write_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _write_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
+                   label_names: list[str] | None = None) -> None:
     config = adapter_config(model)
+    if label_names:
+        config["label_names"] = list(label_names)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if not k.endswith(".spra_values")}
     values, offset = [], 0
     for name in sorted(config["layers"]):

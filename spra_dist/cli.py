@@ -1,6 +1,7 @@
 """The ``spra`` command line (also ``python -m spra_dist``).
 
     spra train --config configs/train/debug_tiny_llama.yaml max_steps=5 spra.lora_rank=4
+    spra preprocess --config configs/train/smollm2_sft.yaml --show 2
     spra inspect runs/debug_tiny_llama/adapter
     spra merge --adapter runs/debug_tiny_llama/adapter --out merged/debug_tiny_llama
     spra generate --adapter runs/debug_tiny_llama/adapter "To be, or not" --compare
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config overrides: dotted (spra.lora_rank=4) or a unique leaf name (lora_rank=4)")
     train.set_defaults(run=cmd_train)
 
+    prep = commands.add_parser("preprocess", help="tokenise and cache a config's data; show what is trained")
+    prep.add_argument("--config", required=True, help="YAML file, e.g. configs/train/smollm2_sft.yaml")
+    prep.add_argument("--show", type=int, default=0, metavar="N",
+                      help="print N training examples token by token, '+' marking the trained ones")
+    prep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    prep.set_defaults(run=cmd_preprocess)
+
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")
     inspect.set_defaults(run=cmd_inspect)
@@ -113,6 +121,50 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({summary['steps']} steps, {summary['wall_time_s']:.1f} s)")
     print(f"adapter: {Path(cfg.output_dir) / 'adapter'}")
     return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from spra_dist.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    import datasets
+
+    from spra_dist.data.build import build_data
+    from spra_dist.train.models import build_codec
+
+    datasets.disable_progress_bars()
+    codec = build_codec(cfg.model)
+    splits = build_data(cfg.data, task=cfg.model.task, codec=codec, num_labels=cfg.model.num_labels,
+                        timeout_s=cfg.dist_timeout_s)
+    stats = splits.stats
+    for split in ("train", "eval"):
+        part = stats.get(split, {})
+        print(f"{split}: {stats[f'{split}_examples']} examples kept of {part.get('examples', '?')}; dropped "
+              f"{part.get('dropped_over_length', 0)} over max_length={cfg.data.max_length}, "
+              f"{part.get('dropped_untrained', 0)} with no trained token")
+    if stats.get("packs") is not None:
+        print(f"packed: {stats['train_examples']} examples in {stats['packs']} rows of <= {cfg.data.max_length}")
+    if splits.label_names:
+        print(f"labels: {', '.join(f'{i}={n}' for i, n in enumerate(splits.label_names))}")
+    if stats.get("cache"):
+        print(f"cache: {stats['cache']}")
+    for i in range(min(args.show, len(splits.train.ds))):
+        show_example(splits.train.example(i), codec, index=i)
+    return 0
+
+
+def show_example(example: dict, codec, *, index: int) -> None:
+    """One example, a token per line: '+' when it is a trained target, then its id and text."""
+    ids = example["input_ids"]
+    if "label" in example:
+        print(f"--- example {index}: label {example['label']}, {len(ids)} tokens")
+        print("  " + " ".join(repr(codec.piece(t)) for t in ids))
+        return
+    labels = example["labels"]
+    trained = sum(1 for p in range(1, len(ids)) if labels[p] != -100)
+    print(f"--- example {index}: {len(ids)} tokens, {trained} trained ('+')")
+    for p, token in enumerate(ids):
+        print(f"  {'+' if p and labels[p] != -100 else ' '} {token:>6} {codec.piece(token)!r}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from spra_dist.data.tokens import global_batch, rank_slice, split_micro
 from spra_dist.train.config import load_config, parse_override, resolve_key
-from spra_dist.train.data import global_batch, rank_slice, split_micro
 from spra_dist.train.loop import lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spra_dist.data.tokens import TokenSet, collate
 from spra_dist.model import spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig
-from spra_dist.train.data import TokenSet, collate
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -92,7 +93,7 @@ def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None
     for i, batch in enumerate(micro_batches):
         loss = engine.forward_backward(batch, n_micro=len(micro_batches), last=i == len(micro_batches) - 1)
         losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     applied = [True]
 
     def allow(norm: float | None) -> bool:
@@ -105,20 +106,23 @@ def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: TokenSet, *, task: str, pad_id: int, batch_size: int) -> dict[str, float]:
-    """classification: accuracy and eval_loss; causal_lm: eval_loss (per token) and perplexity."""
+    """classification: accuracy, macro_f1 and eval_loss; causal_lm: eval_loss and perplexity over the
+    supervised tokens (labels != -100), summed over the whole set, so the mean is per token, not per batch."""
     was_training = model.training
     model.eval()
-    loss_sum, count, correct = 0.0, 0, 0
-    order = sorted(range(len(tokens)), key=lambda i: len(tokens.input_ids[i]))  # similar lengths pad less
+    loss_sum, count = 0.0, 0
+    predicted, gold = [], []
+    order = np.argsort(tokens.lengths(), kind="stable").tolist()  # similar lengths pad less
     for start in range(0, len(tokens), batch_size):
         batch = collate(tokens, order[start: start + batch_size], pad_id=pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
         if task == "classification":
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(-1) == labels).sum())
+            predicted += logits.argmax(-1).tolist()
+            gold += labels.tolist()
             count += len(labels)
-        else:  # next-token loss, summed over real tokens so the mean is per token, not per batch
+        else:
             shifted = labels[:, 1:]
             loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100,
                                         reduction="sum").item()
@@ -126,5 +130,17 @@ def evaluate(model: nn.Module, tokens: TokenSet, *, task: str, pad_id: int, batc
     model.train(was_training)
     mean = loss_sum / max(1, count)
     if task == "classification":
-        return {"eval_loss": mean, "accuracy": correct / max(1, count)}
+        right = sum(p == g for p, g in zip(predicted, gold, strict=True))
+        return {"eval_loss": mean, "accuracy": right / max(1, count), "macro_f1": macro_f1(predicted, gold)}
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def macro_f1(predicted: list[int], gold: list[int]) -> float:
+    """Mean over the classes present in gold or predictions of F1 = 2TP / (2TP + FP + FN)."""
+    scores = []
+    for c in sorted(set(gold) | set(predicted)):
+        tp = sum(p == c and g == c for p, g in zip(predicted, gold, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(predicted, gold, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(predicted, gold, strict=True))
+        scores.append(2 * tp / max(1, 2 * tp + fp + fn))
+    return sum(scores) / max(1, len(scores))

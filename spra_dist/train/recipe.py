@@ -9,6 +9,7 @@ Outputs in ``output_dir``: ``adapter/`` (adapter.safetensors + adapter_config.js
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ from spra_dist import apply_spra, save_adapter
 from spra_dist.atomic import atomic_files, committed_file, write_text_atomic
 from spra_dist.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
 from spra_dist.comm import CommCounter, count_ddp
+from spra_dist.data.build import DataSplits, build_data
+from spra_dist.data.packing import check_packing
+from spra_dist.data.tokens import collate, global_batch, rank_slice, split_micro
 from spra_dist.distributed import init_distributed, on_rank0, shutdown, world
 from spra_dist.engines import (
     build_deepspeed_engine,
@@ -37,12 +41,14 @@ from spra_dist.engines import (
 from spra_dist.faults import explain, forget_monitor_group, is_collective_failure, make_monitor_group
 from spra_dist.model import check_targets, spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig, to_dict
-from spra_dist.train.data import DataSplits, build_data, collate, global_batch, rank_slice, split_micro
+from spra_dist.train.generate import generate_eval
 from spra_dist.train.guard import NonFiniteError, Preempted, StepGuard
 from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
 from spra_dist.train.trackers import open_tracker
+
+SAMPLES_KEPT = 20  # generated answers written to samples.jsonl at each evaluation
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -85,7 +91,10 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> di
         load_deepspeed_config(cfg.deepspeed_config)  # a bad preset fails here, not after the first writes
     built = build_model(cfg.model, seed=cfg.seed)
     check_targets(built.model, cfg.spra)
-    splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec)
+    splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec, num_labels=cfg.model.num_labels,
+                        timeout_s=cfg.dist_timeout_s)
+    if cfg.data.sample_packing:
+        check_packing(built.model)
     # Nothing is written before this point, so a mistake in the config or the data leaves no partial run.
     if built.from_config:
         on_rank0(lambda: save_base_model(built, out / "base_model"))
@@ -104,14 +113,14 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> di
 
     tracker = open_tracker(cfg.report_to, out, to_dict(cfg)) if rank == 0 else None
     log = MetricsLog(out / "metrics.jsonl", append=ckpt is not None, enabled=rank == 0, tracker=tracker)
-    evaluate_now = _evaluator(engine.model, splits, cfg, built.codec.pad_id)
+    evaluate_now = _evaluator(engine.model, splits, cfg, built.codec, out)
     before = evaluate_now()
     log.write({"step": start, **before})
     after, stats = run_steps(engine, splits, cfg, log=log, evaluate_now=evaluate_now, pad_id=built.codec.pad_id,
                              start=start, counter=counter, guard=guard)
 
     state = {name: engine.full_value(p) for name, p in trainable_parameters(engine.model)}
-    save_adapter(engine.model, out / "adapter", state=state)
+    save_adapter(engine.model, out / "adapter", state=state, label_names=splits.label_names)
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     summary = {
         f"{metric}_before": before[metric], f"{metric}_after": after[metric],
@@ -120,7 +129,10 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> di
         "k_total": sum(m.k for _, m in spra_modules(engine.model)),
         "adapted_matrices": len(spra_modules(engine.model)),
         "steps": stats["last_step"], "max_steps": cfg.max_steps, "resumed_from_step": ckpt.step if ckpt else None,
-        "train_examples": len(splits.train), "eval_examples": len(splits.eval),
+        "train_examples": splits.stats["train_examples"], "eval_examples": splits.stats["eval_examples"],
+        "train_packs": splits.stats.get("packs"),
+        "data": {k: v for k, v in splits.stats.items() if k in ("train", "eval")},
+        "label_names": splits.label_names,
         "engine": engine.name, "world_size": world_size, "mixed_precision": mixed_precision,
         "optimizer_state_numel_per_rank": _gather_ints(engine.local_optimizer_numel()),
         "grad_bytes_per_step": stats.get("grad_bytes"), "comm_bytes_per_step": stats.get("comm_bytes"),
@@ -128,6 +140,9 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> di
         "mask_seed": engine.model.spra_config.seed,
         "nonfinite_skipped_steps": guard.skipped,
     }
+    for key in ("macro_f1", "exact_match", "contains"):
+        if key in after:
+            summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
     if rank == 0:
         plot_loss(log.records, out / "loss.png", metric=metric)
         write_summary(out / "summary.json", summary)
@@ -160,12 +175,22 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, *, engine_name: str, mixed_pr
 
 
 def micro_batches(splits: DataSplits, cfg: TrainConfig, *, step: int, pad_id: int) -> list[dict]:
-    """This rank's micro batches of optimizer step ``step``: the global batch is a function of (seed, step)."""
+    """This rank's micro batches of optimizer step ``step``: the global batch is a function of (seed, step).
+
+    Causal LM: the loss is the sum over supervised tokens divided by the supervised tokens of the whole global
+    batch (every rank counts them from the same indices, no collective). Each micro batch's loss is its sum
+    over ``num_items_in_batch`` = total / (ranks x micro batches), because the engines then average over
+    micro batches and ranks: 1 rank x 4 micro batches, 2 x 2 and 4 x 1 give the same gradient."""
     rank, world_size = world()
     indices = global_batch(len(splits.train), batch_size=cfg.batch_size, step=step, seed=cfg.seed)
     mine = rank_slice(indices, rank=rank, world_size=world_size)
     parts = split_micro(mine, cfg.grad_accum, lengths=splits.train.lengths())
-    return [collate(splits.train, part, pad_id=pad_id) for part in parts]
+    batches = [collate(splits.train, part, pad_id=pad_id) for part in parts]
+    if not splits.train.classification:
+        per = max(1, splits.train.n_trained(indices)) / (world_size * len(parts))
+        for batch in batches:
+            batch["num_items_in_batch"] = per  # a float: engines cast tensor inputs (DeepSpeed bf16), not floats
+    return batches
 
 
 def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, evaluate_now, pad_id: int,
@@ -243,9 +268,18 @@ def _gather_ints(value: int) -> list[int]:
     return [int(t.item()) for t in out]
 
 
-def _evaluator(model: nn.Module, splits: DataSplits, cfg: TrainConfig, pad_id: int):
+def _evaluator(model: nn.Module, splits: DataSplits, cfg: TrainConfig, codec, out: Path):
     def evaluate_now() -> dict[str, float]:
-        return evaluate(model, splits.eval, task=cfg.model.task, pad_id=pad_id, batch_size=cfg.eval_batch_size)
+        metrics = evaluate(model, splits.eval, task=cfg.model.task, pad_id=codec.pad_id,
+                           batch_size=cfg.eval_batch_size)
+        if cfg.eval_generate:
+            scores, samples = generate_eval(model, splits.eval, codec=codec, n=cfg.eval_generate,
+                                            max_new_tokens=cfg.eval_generate_max_tokens,
+                                            end_of_turn=splits.end_of_turn)
+            metrics.update(scores)
+            text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples[:SAMPLES_KEPT])
+            on_rank0(lambda: write_text_atomic(out / "samples.jsonl", text))
+        return metrics
 
     return evaluate_now
 
@@ -275,7 +309,7 @@ def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | 
     built = build_model(cfg.model, seed=cfg.seed)
     model = type(built.model).from_pretrained(base_dir)
     load_adapter(model, adapter_dir)
-    splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec)
+    splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec, num_labels=cfg.model.num_labels)
     return evaluate(model, splits.eval, task=cfg.model.task, pad_id=built.codec.pad_id,
                     batch_size=cfg.eval_batch_size)
 
