@@ -79,13 +79,18 @@ def mark(codec: Codec, items: list[tuple[str, list[tuple[int, int]]]], *, specia
     return out
 
 
+def too_long(prep: Prep, row: int, n_tokens: int) -> ValueError:
+    """The error for an example over data.max_length under excess_length=error."""
+    return bad_row(prep, row, f"{n_tokens} tokens exceed data.max_length={prep.max_length}",
+                   "raise data.max_length (sequence_len) or set data.excess_length=drop or truncate")
+
+
 def finish(prep: Prep, row: int, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int]:
     """Apply excess_length; the status says whether the row is kept."""
     if len(ids) > prep.max_length:
         match prep.excess_length:
             case "error":
-                raise bad_row(prep, row, f"{len(ids)} tokens exceed data.max_length={prep.max_length}",
-                              "raise data.max_length (sequence_len) or set data.excess_length=drop or truncate")
+                raise too_long(prep, row, len(ids))
             case "drop":
                 return ids, labels, LONG
             case _:
@@ -155,8 +160,7 @@ def build_classification(batch: dict, prep: Prep) -> dict[str, list]:
         if len(ids) > prep.max_length:
             match prep.excess_length:
                 case "error":
-                    raise bad_row(prep, row, f"{len(ids)} tokens exceed data.max_length={prep.max_length}",
-                                  "raise data.max_length or set data.excess_length=truncate or drop")
+                    raise too_long(prep, row, len(ids))
                 case "drop":
                     status = LONG
                 case _:
