@@ -5,6 +5,14 @@
 """
 
 from spra_dist.adapter import load_adapter, merge_adapter, save_adapter
+from spra_dist.adapters import (
+    active_adapter,
+    combine_adapters,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    set_adapter,
+)
 from spra_dist.config import SpraConfig
 from spra_dist.layer import SpraLinear
 from spra_dist.masks import MASK_VERSION, sample_indices
@@ -12,6 +20,7 @@ from spra_dist.model import apply_spra, spra_modules, trainable_parameters
 
 __version__ = "0.1.0"
 __all__ = [
-    "MASK_VERSION", "SpraConfig", "SpraLinear", "apply_spra", "load_adapter", "merge_adapter", "sample_indices",
-    "save_adapter", "spra_modules", "trainable_parameters",
+    "MASK_VERSION", "SpraConfig", "SpraLinear", "active_adapter", "apply_spra", "combine_adapters", "delete_adapter",
+    "disable_adapter", "list_adapters", "load_adapter", "merge_adapter", "sample_indices", "save_adapter",
+    "set_adapter", "spra_modules", "trainable_parameters",
 ]

@@ -17,18 +17,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from spra_dist.adapters import DEFAULT_NAME, NamedAdapter, add_adapter, registry, rename_active, set_adapter
 from spra_dist.atomic import atomic_files, read_verified_json, sha256_file, write_safetensors
 from spra_dist.base_model import base_model_info, check_base_model
 from spra_dist.config import SpraConfig
 from spra_dist.distributed import full_tensor, global_shape, is_sharded, merge_sharded, on_rank0, set_full, unwrap
-from spra_dist.layer import SpraLinear
+from spra_dist.layer import SpraLinear, union_mask
 from spra_dist.masks import MASK_VERSION, SUPPORTED_MASK_VERSIONS
-from spra_dist.model import apply_spra, dense_parameter_names, replace_module, spra_modules
+from spra_dist.model import apply_spra, dense_parameter_names, replace_module, spra_layers, spra_modules
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "spra_dist.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a layer may list its mask's parts (a combination of adapters); 1: one seed for all
 PACKED_VALUES = "spra_values"
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,16 +50,21 @@ def adapter_config(model: nn.Module) -> dict:
     mods = spra_modules(model)
     params = dict(model.named_parameters())
     dense_shapes = {n: list(global_shape(params[n])) for n in dense_parameter_names(model)}
+    layers = {name: {"shape": list(m.weight_shape), "k": m.k, "layout": "conv1d" if m.transposed else "linear"}
+              for name, m in mods}
+    for name, m in mods:
+        if m.mask_parts != ((cfg.seed, m.k),):  # a combination: the union of these seeded masks
+            layers[name]["mask"] = [list(part) for part in m.mask_parts]
+    reg = model.__dict__.get("spra_registry")
+    combination = reg.adapters[reg.active].combination if reg is not None and reg.active else None
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if any("mask" in layer for layer in layers.values()) else 1,
         "mask_version": MASK_VERSION,
         "seed": cfg.seed,
         "spra_config": cfg.to_dict(),
-        "layers": {
-            name: {"shape": list(m.weight_shape), "k": m.k, "layout": "conv1d" if m.transposed else "linear"}
-            for name, m in mods
-        },
+        "layers": layers,
+        **({"combination": combination} if combination else {}),
         "dense_parameters": dense_shapes,
         "dtype": str(mods[0][1].spra_values.dtype).removeprefix("torch.") if mods else None,
         "total_k": sum(m.k for _, m in mods),
@@ -67,17 +73,26 @@ def adapter_config(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None,
-                 label_names: list[str] | None = None) -> Path:
+                 label_names: list[str] | None = None, adapter_name: str | None = None) -> Path:
     """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``path``, atomically.
 
     ``label_names``: a classifier's class names in id order, recorded as ``label_names`` in the config.
+    ``adapter_name``: which of the model's named adapters to save (default: the active one).
 
     Works on a plain, DDP, FSDP2 or DeepSpeed model: under torch.distributed call it on every rank (the k
     values are gathered), and rank 0 writes. ``state`` lets a caller pass values it already gathered.
     """
     model = unwrap(model)
+    if adapter_name is not None and adapter_name != registry(model).active:
+        was = registry(model).active
+        set_adapter(model, adapter_name)
+        try:
+            return save_adapter(model, path, state=state, label_names=label_names)
+        finally:
+            set_adapter(model, was)
     if not hasattr(model, "spra_config"):
-        raise ValueError(f"{type(model).__name__} has no SpaRA adapter: call apply_spra or load_adapter first")
+        raise ValueError(f"{type(model).__name__} has no active SpaRA adapter: call apply_spra, load_adapter or "
+                         f"set_adapter first")
     state = adapter_state_dict(model) if state is None else state
     on_rank0(lambda: _write_adapter(model, state, Path(path), label_names))  # the files exist on return, on every rank
     return Path(path)
@@ -109,6 +124,9 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict, Path]:
     path = Path(path)
     config, weights = read_verified_json(path, CONFIG_NAME, WEIGHTS_NAME, fmt=FORMAT, checksum_key="adapter_sha256",
                                          what="spra_dist adapter (spra train writes <output_dir>/adapter)")
+    if not isinstance(config.get("format_version", 1), int) or config.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(f"{path / CONFIG_NAME}: format_version {config.get('format_version')!r} is newer than this "
+                         f"spra_dist reads ({FORMAT_VERSION}): upgrade spra_dist to load it")
     if config.get("mask_version") not in SUPPORTED_MASK_VERSIONS:
         raise ValueError(
             f"{path / CONFIG_NAME}: unknown mask_version {config.get('mask_version')!r}; this spra_dist knows "
@@ -139,38 +157,103 @@ def _unpack(config: dict, tensors: dict[str, torch.Tensor], weights: Path) -> di
     return tensors
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
-    """Apply SpaRA to ``model`` as recorded in the adapter (unless already applied) and load its values.
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str | None = None,
+                 check_base: bool = True) -> nn.Module:
+    """Load the adapter at ``path`` into ``model``.
 
-    Also loads into a SpaRA model that FSDP2 or ZeRO-3 already shards (call it on every rank then): each value
-    tensor is laid out in the engine's own sharding. ``check_base``: refuse a model that is not the adapter's
-    recorded base (model type, config, shape of every adapted weight); pass False only for a base whose config
-    you changed in ways that keep the weights.
+    - A plain base: SpaRA is applied as the adapter records, its values loaded; it is the active adapter
+      (named ``adapter_name``, default ``default``).
+    - ``adapter_name`` on a model that has adapters: added beside them, by that name, not activated (see
+      ``spra_dist.adapters``: ``set_adapter``, ``disable_adapter``, ``combine_adapters``).
+    - No name, on a model with an active adapter: the values are loaded into it (same seed and layers). This
+      also works on a model FSDP2 or ZeRO-3 already shards (call it on every rank then): each value tensor is
+      laid out in the engine's own sharding.
+
+    ``check_base``: refuse a model that is not the adapter's recorded base (model type, config, shape of every
+    adapted weight); pass False only for a base whose config you changed in ways that keep the weights.
     """
     path = Path(path)
     model = unwrap(model)
     config, tensors = read_adapter(path)
+    label = path if adapter_name is None else f"{adapter_name!r} ({path})"
     if check_base:
-        check_base_model(model, config, adapter=path)
-    if not hasattr(model, "spra_config"):
-        apply_spra(model, SpraConfig.from_dict(config["spra_config"]))
-    elif model.spra_config.seed != config["seed"]:
-        raise ValueError(f"model has SpaRA with seed {model.spra_config.seed}, adapter {path} has seed "
-                         f"{config['seed']}: load it into a plain base model instead")
-    mods = dict(spra_modules(model))
-    _check_layers(mods, config["layers"], path)
+        check_base_model(model, config, adapter=label)
+    combined = any("mask" in layer for layer in config["layers"].values())
+    if adapter_name is None and hasattr(model, "spra_config"):
+        _load_into_active(model, config, tensors, path)
+    elif not spra_layers(model) and not combined:
+        _apply_and_load(model, config, tensors, path)
+        if adapter_name is not None:
+            rename_active(model, adapter_name)
+    else:
+        add_adapter(model, adapter_name or DEFAULT_NAME, _named_adapter(model, config, tensors, label))
+    return model
+
+
+def _apply_and_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A plain base: apply SpaRA as recorded (every rank agrees on the masks), then load the values."""
+    model.__dict__.pop("spra_registry", None)  # a plain model has no adapters to keep
+    apply_spra(model, SpraConfig.from_dict(config["spra_config"]))
     params = dict(model.named_parameters())
+    _check_dense(params, config, path)
+    base_dense = model.__dict__.setdefault("spra_base_dense", {})
+    for name in config.get("dense_parameters", {}):
+        if not is_sharded(params[name]):  # kept for disable_adapter and switching to adapters without it
+            base_dense[name] = params[name].detach().clone()
+    _load_into_active(model, config, tensors, path)
+
+
+def _load_into_active(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if model.spra_config.seed != config["seed"]:
+        raise ValueError(f"model has SpaRA with seed {model.spra_config.seed}, adapter {path} has seed "
+                         f"{config['seed']}: load it into a plain base model, or beside the active adapter with "
+                         f"load_adapter(model, path, adapter_name=...)")
+    mods = dict(spra_modules(model))
+    _check_layers(mods, config, path)
+    params = dict(model.named_parameters())
+    _check_dense(params, config, path)
     for name, m in mods.items():
         set_full(m.spra_values, tensors[f"{name}.spra_values"])
+    for name in config.get("dense_parameters", {}):
+        set_full(params[name], tensors[name])
+
+
+def _named_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], label) -> NamedAdapter:
+    """An adapter file as a ``NamedAdapter`` on the model's devices and dtypes (values of the recorded config's
+    ``value_dtype``)."""
+    cfg = SpraConfig.from_dict(config["spra_config"])
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, record in config["layers"].items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if weight is None or list(global_shape(weight)) != record["shape"]:
+            raise ValueError(f"adapter {label} adapts {name} of shape {record['shape']}, which this "
+                             f"{type(model).__name__} does not have: it belongs to another model")
+        parts = tuple((int(s), int(k)) for s, k in record.get("mask", [[config["seed"], record["k"]]]))
+        values = tensors[f"{name}.spra_values"]
+        if len(parts) > 1 and union_mask(f"{name}.weight", tuple(record["shape"]), parts).numel() != values.numel():
+            raise ValueError(f"adapter {label}: layer {name} lists mask parts {parts} whose union is not its "
+                             f"{values.numel()} values: damaged adapter config")
+        dtype = cfg.values_dtype_for(weight.dtype)
+        layers[name] = (parts, nn.Parameter(values.to(device=weight.device, dtype=dtype)))
+    params = dict(model.named_parameters())
+    _check_dense(params, config, label)
+    dense = {n: tensors[n].to(device=params[n].device, dtype=params[n].dtype)
+             for n in config.get("dense_parameters", {})}
+    return NamedAdapter(config=cfg, layers=layers, dense=dense, source=str(label),
+                        combination=config.get("combination"))
+
+
+def _check_dense(params: dict[str, nn.Parameter], config: dict, path) -> None:
     for name, shape in config.get("dense_parameters", {}).items():
         if name not in params or list(global_shape(params[name])) != shape:
             have = list(global_shape(params[name])) if name in params else "none"
             raise ValueError(f"adapter {path} has dense parameter {name} {shape}; the model has {have}")
-        set_full(params[name], tensors[name])
-    return model
 
 
-def _check_layers(mods: dict, layers: dict, path: Path) -> None:
+def _check_layers(mods: dict, config: dict, path: Path) -> None:
+    layers = config["layers"]
     missing = sorted(set(layers) - set(mods))
     extra = sorted(set(mods) - set(layers))
     if missing or extra:
@@ -180,7 +263,8 @@ def _check_layers(mods: dict, layers: dict, path: Path) -> None:
         )
     for name, m in mods.items():
         want = layers[name]
-        if list(m.weight_shape) != want["shape"] or m.k != want["k"]:
+        parts = tuple((int(s), int(k)) for s, k in want.get("mask", [[config["seed"], want["k"]]]))
+        if list(m.weight_shape) != want["shape"] or m.k != want["k"] or m.mask_parts != parts:
             raise ValueError(
                 f"adapter {path}: layer {name} has shape {want['shape']} and k={want['k']}, the model has "
                 f"{list(m.weight_shape)} and k={m.k}: the adapter belongs to a model of another shape"
@@ -195,11 +279,14 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     as plain linears, because the engine's hooks are bound to them.
     """
     model = unwrap(model)
-    for name, m in spra_modules(model):
+    for name, m in spra_layers(model):
         if is_sharded(m.weight):
-            merge_sharded(m)
+            if m.active:
+                merge_sharded(m)
         else:
             replace_module(model, name, m.to_plain())
-    if not any(isinstance(m, SpraLinear) for m in model.modules()) and hasattr(model, "spra_config"):
-        del model.spra_config
+    if not any(isinstance(m, SpraLinear) for m in model.modules()):
+        model.__dict__.pop("spra_registry", None)  # the other adapters' values go with the modules
+        if hasattr(model, "spra_config"):
+            del model.spra_config
     return model

@@ -86,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")
     inspect.set_defaults(run=cmd_inspect)
 
-    merge = commands.add_parser("merge", help="fold an adapter into its base and save a plain HF model")
-    merge.add_argument("--adapter", required=True, help="adapter directory")
+    merge = commands.add_parser("merge", help="fold an adapter (or a weighted sum of several) into its base and "
+                                              "save a plain HF model")
+    merge.add_argument("--adapter", required=True, action="append",
+                       help="adapter directory; repeat it to merge several adapters of the same base")
+    merge.add_argument("--weights", nargs="+", type=float, metavar="W",
+                       help="one weight per --adapter: the merged weight is W + Σ wᵢΔᵢ (default: 1 each)")
     merge.add_argument("--out", required=True,
                        help="output directory for the merged model (other files in it are kept; not inside the run)")
     merge.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
@@ -205,7 +209,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from spra_dist.merge import merge_to_directory
 
-    out = merge_to_directory(args.adapter, out=args.out, base=args.base, overwrite=args.overwrite)
+    out = merge_to_directory(args.adapter, out=args.out, base=args.base, weights=args.weights,
+                             overwrite=args.overwrite)
     print(f"merged model: {out}")
     return 0
 

@@ -12,6 +12,11 @@ live in ``spra_dist.kernels`` (custom ops, so ``torch.autocast`` and ``torch.com
 The module keeps the base layer's ``weight`` and ``bias`` names, so base checkpoints load unchanged and every
 engine's hooks (FSDP2, ZeRO-3) see and gather the module's own parameters. ``spra_indices`` is a
 non-persistent buffer: it is rebuilt from the seed, never saved.
+
+A module holds one adapter at a time (``spra_dist.adapters`` keeps the others' values and switches them in):
+its mask is the union of one or more seeded parts ``(seed, k)`` — one for a trained adapter, several for a
+combination of adapters — and ``spra_values`` is ``None`` while no adapter is active, when the module runs as
+the plain base layer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from torch import nn
 from spra_dist.kernels import merged_entries, plain_linear, spra_linear
 from spra_dist.masks import sample_indices
 
+Parts = tuple[tuple[int, int], ...]
+
 try:  # GPT-2 style layers keep their weight as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -32,6 +39,15 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 # torch warns once that CSR tensors are "beta"; we only build one and call sampled_addmm on it, both pinned by
 # tests against a dense float64 reference, so the warning would only alarm users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+def union_mask(key: str, shape: tuple[int, int], parts: Parts) -> torch.Tensor:
+    """Sorted flat indices: the union of the seeded masks ``sample_indices(seed, key, numel, k)`` of ``parts``."""
+    numel = shape[0] * shape[1]
+    masks = [sample_indices(seed, key, numel, k) for seed, k in parts]
+    if len(masks) == 1:
+        return masks[0]
+    return torch.unique(torch.cat(masks)) if masks else torch.empty(0, dtype=torch.long)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -60,6 +76,7 @@ class SpraLinear(nn.Module):
         n_rows, n_cols = self.weight_shape
         self.in_features, self.out_features = (n_rows, n_cols) if self.transposed else (n_cols, n_rows)
         self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
+        self.mask_parts: Parts = ((self.seed, self.k),) if self.k else ()
         self.merged = False
         # value_dtype: fp32 master values on a bf16 / fp16 weight (the merged forward adds in fp32, rounds once)
         self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
@@ -70,7 +87,27 @@ class SpraLinear(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The sorted flat indices on the CPU, rebuilt from the seed (also while the module is on meta)."""
-        return sample_indices(self.seed, self.spra_key, self.weight_shape[0] * self.weight_shape[1], self.k)
+        return union_mask(self.spra_key, self.weight_shape, self.mask_parts)
+
+    @property
+    def active(self) -> bool:
+        """An adapter is switched in (otherwise the module is the plain base layer)."""
+        return self.spra_values is not None
+
+    def set_adapter_state(self, values: nn.Parameter | None, parts: Parts) -> None:
+        """Switch in ``values`` on the mask of ``parts`` (``None``, ``()``: no adapter). Never touches ``weight``:
+        call it on an unmerged module."""
+        assert not self.merged, "unmerge before switching adapters"
+        self.spra_values = values
+        self.mask_parts = tuple((int(s), int(k)) for s, k in parts)
+        if values is None:
+            self.k, self.seed = 0, None
+            self.spra_indices = torch.empty(0, dtype=torch.long, device=self.weight.device)
+            return
+        self.seed = self.mask_parts[0][0]
+        self.rebuild_indices()
+        self.k = self.spra_indices.numel()
+        assert values.numel() == self.k, f"{self.spra_key}: {values.numel()} values for a mask of {self.k}"
 
     def rebuild_indices(self) -> None:
         """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
@@ -84,20 +121,22 @@ class SpraLinear(nn.Module):
         self.spra_values.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.spra_values is None:
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
         return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed)
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense delta (for inspection and tests; training never builds it)."""
-        delta = torch.zeros(self.weight.numel(), dtype=self.spra_values.dtype, device=self.weight.device)
-        delta[self.spra_indices] = self.spra_values.detach()
+        dtype = self.weight.dtype if self.spra_values is None else self.spra_values.dtype
+        delta = torch.zeros(self.weight.numel(), dtype=dtype, device=self.weight.device)
+        if self.spra_values is not None:
+            delta[self.spra_indices] = self.spra_values.detach()
         return delta.view_as(self.weight)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into ``weight``; ``unmerge`` restores the original entries exactly."""
-        if self.merged:
+        if self.merged or self.spra_values is None:
             return
         self._spra_originals = self.weight.view(-1)[self.spra_indices].clone()
         merged = merged_entries(self._spra_originals, self.spra_values)
@@ -126,4 +165,5 @@ class SpraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"
-        return f"{kind}(in={self.in_features}, out={self.out_features}), k={self.k}, merged={self.merged}"
+        state = f"k={self.k}, merged={self.merged}" if self.active else "no adapter active"
+        return f"{kind}(in={self.in_features}, out={self.out_features}), {state}"

@@ -2,6 +2,7 @@
 
     merge_to_directory("runs/x/adapter", out="merged/x")              # the base the adapter recorded
     merge_to_directory("runs/x/adapter", out="merged/x", base="DIR")  # or a copy of it elsewhere
+    merge_to_directory(["runs/a/adapter", "runs/b/adapter"], weights=[0.7, 0.3], out="merged/ab")  # W + Σ wᵢΔᵢ
 
 Nothing a user saved is lost: the output directory may hold other files, which stay; files the merged model
 would replace (a model or tokenizer from an earlier merge) are refused unless ``overwrite=True``; an output
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 from spra_dist.adapter import load_adapter, merge_adapter, read_adapter_config
+from spra_dist.adapters import combine_adapters, set_adapter
 from spra_dist.atomic import atomic_files
 from spra_dist.base_model import check_base_config, expected_base, resolve_base
 
@@ -25,18 +28,30 @@ from spra_dist.base_model import check_base_config, expected_base, resolve_base
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "trainer_state.json", "checkpoints")
 
 
-def merge_to_directory(adapter_dir: str | Path, *, out: str | Path, base: str | None = None,
-                       overwrite: bool = False) -> Path:
-    """Load the base, check it is the adapter's, load and merge the adapter, write ``out`` (see module doc)."""
-    adapter_dir, out = Path(adapter_dir), Path(out)
-    config, _ = read_adapter_config(adapter_dir)
-    check_output(out, adapter_dir)
+def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str | Path, base: str | None = None,
+                       weights: list[float] | None = None, overwrite: bool = False) -> Path:
+    """Load the base, check it is the adapters', merge W + Σ wᵢΔᵢ (one adapter, weight 1, by default), write
+    ``out`` (see module doc). Every adapter must have been trained on the same base."""
+    dirs = [Path(d) for d in (adapter_dir if isinstance(adapter_dir, list | tuple) else [adapter_dir])]
+    out = Path(out)
+    weights = _check_weights(weights, len(dirs))
+    configs = [read_adapter_config(d)[0] for d in dirs]
+    for d in dirs:
+        check_output(out, d)
+    config, first = configs[0], dirs[0]
     recorded = (config.get("base_model") or {}).get("name_or_path")
     if not (base or recorded):
-        raise ValueError(f"adapter {adapter_dir} records no base model; pass --base <model directory>")
-    base_dir = resolve_base(base or recorded, adapter=adapter_dir)
-    model = load_base(config, base_dir, adapter=adapter_dir)
-    load_adapter(model, adapter_dir)
+        raise ValueError(f"adapter {first} records no base model; pass --base <model directory>")
+    base_dir = resolve_base(base or recorded, adapter=first)
+    model = load_base(config, base_dir, adapter=first)
+    if len(dirs) == 1 and weights == [1.0]:
+        load_adapter(model, first)
+    else:  # each adapter by name (checked against the base), then their weighted sum
+        names = [f"adapter{i}" for i in range(len(dirs))]
+        for name, d in zip(names, dirs, strict=True):
+            load_adapter(model, d, adapter_name=name)
+        combine_adapters(model, dict(zip(names, weights, strict=True)), name="merged")
+        set_adapter(model, "merged")
     merge_adapter(model)
     with atomic_files(out) as tmp:
         with _no_deepspeed_probe(), _write_errors_as_os_errors(out):
@@ -47,6 +62,18 @@ def merge_to_directory(adapter_dir: str | Path, *, out: str | Path, base: str | 
             raise ValueError(f"--out {out} already holds {', '.join(clashes[:4])}, which the merged model would "
                              f"replace; pass --overwrite to replace them, or choose an empty directory")
     return out
+
+
+def _check_weights(weights: list[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"--weights gives {len(weights)} numbers for {n} --adapter directories: give one weight per "
+                         f"adapter, in the same order (e.g. --weights {' '.join(['0.5'] * n)})")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"--weights {bad[0]} is not a finite number: give one real weight per adapter")
+    return [float(w) for w in weights]
 
 
 def check_output(out: Path, adapter_dir: Path) -> None:

@@ -130,7 +130,12 @@ def _dense_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 def spra_modules(model: nn.Module) -> list[tuple[str, SpraLinear]]:
-    """``(name, module)`` for every SpraLinear, names as in the unwrapped model."""
+    """``(name, module)`` for every SpraLinear of the active adapter, names as in the unwrapped model."""
+    return [(name, m) for name, m in spra_layers(model) if m.active]
+
+
+def spra_layers(model: nn.Module) -> list[tuple[str, SpraLinear]]:
+    """``(name, module)`` for every SpraLinear, also those no active adapter uses (see ``spra_dist.adapters``)."""
     return [(m.spra_key[: -len(".weight")], m) for m in model.modules() if isinstance(m, SpraLinear)]
 
 
