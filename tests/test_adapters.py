@@ -126,7 +126,7 @@ def test_inactive_adapters_hold_values_only_and_delete_frees_them(two):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["disjoint-seeds", "same-seed"])
-def test_combination_is_the_weighted_sum_and_saves_as_an_adapter(two, tmp_path, overlap):
+def test_combination_is_the_weighted_sum_and_saves_as_an_adapter(two, tmp_path, overlap, capsys):
     a, b = two
     if overlap:  # the same seed: the masks coincide, the values add on the same entries
         b = make_adapter(tmp_path / "b_same", mask_seed=11, fill_seed=3)
@@ -150,6 +150,8 @@ def test_combination_is_the_weighted_sum_and_saves_as_an_adapter(two, tmp_path, 
         assert layer["mask"] == [[11, 128], [22, 128]] and config["format_version"] == 2
         assert layer["k"] == 256 - _overlap(11, 22, "model.layers.0.self_attn.q_proj", 1024, 128)
     assert config["combination"] == {"a": 0.7, "b": -0.4}
+    assert main(["inspect", str(saved)]) == 0
+    assert "combination:  a: 0.7, b: -0.4" in capsys.readouterr().out
     reloaded = load_adapter(tiny_llama(), saved)  # union masks rebuilt from the seeds
     assert torch.equal(logits(reloaded, x, torch.float32), mixed)
 
