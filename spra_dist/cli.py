@@ -182,9 +182,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"mask_version: {config.get('mask_version')}")
     print(f"seed:         {config.get('seed')}")
     if config.get("combination"):
-        weights = ", ".join(f"{name}: {w:g}" for name, w in config["combination"].items())
+        mix = ", ".join(f"{name}: {w:g}" for name, w in config["combination"].items())
         seeds = sorted({part[0] for layer in layers.values() for part in layer.get("mask", [])})
-        print(f"combination:  {weights} (mask seeds {seeds or [config.get('seed')]})")
+        print(f"combination:  {mix} (mask seeds {seeds or [config.get('seed')]})")
     print(f"dtype:        {config.get('dtype')}")
     print(f"layers:       {len(layers)}")
     width = max((len(n) for n in layers), default=0)
