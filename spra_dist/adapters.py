@@ -246,7 +246,7 @@ def _combine_dense(model: nn.Module, reg: Registry, parts: dict[str, NamedAdapte
 
 
 def _check_dense_available(reg: Registry, old: NamedAdapter | None, new: NamedAdapter | None) -> None:
-    for n in set(old.dense if old else ()) - set(new.dense if new else ()):
+    for n in sorted(set(old.dense if old else ()) - set(new.dense if new else ())):
         if reg.base_dense.get(n) is None:
             target = "the base" if new is None else "an adapter that does not train it"
             raise ValueError(f"cannot switch to {target}: {n} was trained densely in place and the base's own {n} "

@@ -240,7 +240,7 @@ def test_refusals_name_the_adapter(two, tmp_path):
 
 def test_disabling_an_adapter_trained_in_place_with_a_dense_head_is_refused():
     model = apply_spra(tiny_bert(), SpraConfig(seed=1, trainable_modules=["classifier"]))
-    with pytest.raises(ValueError, match="classifier.weight was trained densely in place"):
+    with pytest.raises(ValueError, match="classifier.bias was trained densely in place"):
         with disable_adapter(model):
             pass
     assert active_adapter(model) == "default"
