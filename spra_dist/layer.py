@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from spra_dist.kernels import merged_entries, plain_linear, spra_linear
+from spra_dist.kernels import csr_structure, merged_entries, plain_linear, spra_linear
 from spra_dist.masks import sample_indices
 
 Parts = tuple[tuple[int, int], ...]
@@ -82,6 +82,9 @@ class SpraLinear(nn.Module):
         self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
                                                     device=self.weight.device))
         self.register_buffer("spra_indices", torch.empty(0, dtype=torch.long), persistent=False)
+        # The mask's CSR structure (row pointers, column indices) for the values' gradient, built with the mask.
+        self.register_buffer("spra_crow", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("spra_cols", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("_spra_originals", None, persistent=False)
         self.rebuild_indices()
 
@@ -102,7 +105,8 @@ class SpraLinear(nn.Module):
         self.mask_parts = tuple((int(s), int(k)) for s, k in parts)
         if values is None:
             self.k, self.seed = 0, None
-            self.spra_indices = torch.empty(0, dtype=torch.long, device=self.weight.device)
+            empty = torch.empty(0, dtype=torch.long, device=self.weight.device)
+            self.spra_indices, self.spra_crow, self.spra_cols = empty, empty, empty
             return
         self.seed = self.mask_parts[0][0]
         self.rebuild_indices()
@@ -112,7 +116,10 @@ class SpraLinear(nn.Module):
     def rebuild_indices(self) -> None:
         """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
         device = self.weight.device
-        self.spra_indices = self.mask().to("meta" if device.type == "meta" else device)
+        target = "meta" if device.type == "meta" else device
+        mask = self.mask()
+        crow, cols = csr_structure(mask, self.weight_shape[0], self.weight_shape[1])
+        self.spra_indices, self.spra_crow, self.spra_cols = mask.to(target), crow.to(target), cols.to(target)
 
     @torch.no_grad()
     def reset_spra_parameters(self) -> None:
@@ -123,7 +130,8 @@ class SpraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.spra_values is None:
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
-        return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed)
+        return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed,
+                           csr=(self.spra_crow, self.spra_cols))
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense delta (for inspection and tests; training never builds it)."""

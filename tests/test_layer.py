@@ -230,6 +230,41 @@ def test_custom_ops_pass_opcheck():
     for kind in ("linear", "conv1d"):
         layer = make_layer(kind, True, dtype=torch.float32)
         x = torch.randn(3, 24, requires_grad=True)
-        result = torch.library.opcheck(linear_op, (x, layer.weight, layer.bias, layer.spra_values,
-                                                   layer.spra_indices, layer.transposed))
-        assert set(result.values()) == {"SUCCESS"}, result
+        for csr in ((layer.spra_crow, layer.spra_cols), (None, None)):  # cached by the layer, or built in backward
+            result = torch.library.opcheck(linear_op, (x, layer.weight, layer.bias, layer.spra_values,
+                                                       layer.spra_indices, *csr, layer.transposed))
+            assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_sibling_layers_share_one_prepared_input(autocast, monkeypatch):
+    """q/k/v (and gate/up) read one input: one feature-major copy serves them all, and nothing is held once the
+    backward is done. Gradients are bit-identical to a run that shares nothing."""
+    from tiny_models import batch, tiny_llama
+
+    from spra_dist import SpraConfig, apply_spra
+    from spra_dist.kernels import shared
+
+    monkeypatch.setenv("SPRA_CPU_KERNEL", "0")
+    model = apply_spra(tiny_llama(), SpraConfig(seed=1))
+    x = batch()
+
+    def grads(share: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        monkeypatch.setattr(shared, "enabled", share)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before, live_before = dict(shared.counts), shared.live_entries()
+    shared_grads = grads(True)
+    made, reused = shared.counts["made"] - before["made"], shared.counts["shared"] - before["shared"]
+    # per decoder layer: inputs of q/k/v, o, gate/up, down -> 4 copies made, 3 reused (k, v, up). Under autocast
+    # each layer casts its own input (as for nn.Linear, so input gradients are summed in fp32): nothing to share.
+    assert (made, reused) == ((14, 0) if autocast else (8, 6))
+    assert shared.live_entries() == live_before
+    plain = grads(False)
+    assert shared_grads.keys() == plain.keys()
+    for name, g in shared_grads.items():
+        assert torch.equal(g, plain[name]), name

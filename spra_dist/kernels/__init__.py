@@ -7,7 +7,7 @@ custom ops (``spra_dist::linear``, ``spra_dist::input_grad``, ``spra_dist::value
 
 from spra_dist.kernels.merge import MergedWeight, merged_entries
 from spra_dist.kernels.ops import plain_linear, spra_linear
-from spra_dist.kernels.sddmm import sampled_gather, sampled_matmul_t, sampled_weight_grad
+from spra_dist.kernels.sddmm import csr_structure, sampled_gather, sampled_matmul_t, sampled_weight_grad
 
-__all__ = ["MergedWeight", "merged_entries", "plain_linear", "sampled_gather", "sampled_matmul_t",
+__all__ = ["MergedWeight", "csr_structure", "merged_entries", "plain_linear", "sampled_gather", "sampled_matmul_t",
            "sampled_weight_grad", "spra_linear"]

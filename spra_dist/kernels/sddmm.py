@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from spra_dist.kernels.cpu_sddmm import cpu_sampled_matmul_t
+from spra_dist.kernels.shared import per_input
+
 # Rows of the sampled product computed at once in the fallback path (bounds its temporary memory).
 SDDMM_CHUNK = 1 << 14
 
@@ -27,34 +30,57 @@ def sampled_gather(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: t
     return out
 
 
-def sampled_matmul_t(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``(aᵀ @ b).view(-1)[indices]`` for ``a`` (T, m), ``b`` (T, n) and sorted flat ``indices`` into (m, n),
-    without forming the (m, n) product.
+def csr_structure(indices: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pointers and column indices of sorted row-major flat ``indices`` into (n_rows, n_cols): they are
+    already in CSR order, so the row pointers come from a binary search, O(rows · log k). A layer computes them
+    once per mask (``SpraLinear.rebuild_indices``), not every backward."""
+    bounds = torch.arange(n_rows + 1, device=indices.device, dtype=indices.dtype) * n_cols
+    return torch.searchsorted(indices, bounds), indices % n_cols
 
-    Sorted row-major flat indices are already in CSR order, so ``torch.sparse.sampled_addmm`` computes one
-    vectorised dot product over the tokens per entry, reusing a row of ``aᵀ`` across its row's entries: about
-    20x faster than gathering rows of ``aᵀ`` and ``bᵀ`` into temporaries (see docs/benchmarks.md). Its CPU
-    kernel takes fp32/fp64 only, so bf16/fp16 activations are summed in fp32.
+
+def feature_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x2d.t()`` as a contiguous ``dtype`` tensor (features × tokens) for ``x`` (..., features); one copy per
+    input, however many sibling layers (q/k/v, gate/up) ask for it during a backward."""
+    return per_input(x, ("feature_major", dtype), lambda: x.reshape(-1, x.shape[-1]).t().to(dtype).contiguous())
+
+
+def sampled_matmul_t(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
+                     csr: tuple[torch.Tensor, torch.Tensor] | None = None, shared: str | None = None,
+                     a_source: torch.Tensor | None = None, b_source: torch.Tensor | None = None) -> torch.Tensor:
+    """``(aᵀ @ b).view(-1)[indices]`` for ``a`` (T, m), ``b`` (T, n) and sorted flat ``indices`` into (m, n),
+    without forming the (m, n) product, summed in at least fp32.
+
+    On CPU the token-major kernel of ``spra_dist.kernels.cpu_sddmm`` runs when it is built and switched on.
+    Otherwise ``torch.sparse.sampled_addmm`` on the CSR mask computes one vectorised dot product over the tokens
+    per entry; it takes fp32/fp64 operands, feature-major (each made here by one explicit copy, far cheaper than
+    the kernel's own handling of transposed views). ``a_source`` / ``b_source``: the layer input the operand was
+    reshaped from, whose feature-major copy sibling layers share (``feature_major``).
     """
     acc = acc_dtype(a.dtype)
     n_rows = a.shape[1]
     if a.device.type not in ("cpu", "cuda"):
         return sampled_gather(a, b, indices // n_cols, indices % n_cols)
-    # Row pointers by binary search on the flat indices: O(rows · log k), no division over k.
-    bounds = torch.arange(n_rows + 1, device=indices.device, dtype=indices.dtype) * n_cols
-    crow = torch.searchsorted(indices, bounds)
-    mask = torch.sparse_csr_tensor(crow, indices % n_cols, torch.zeros(indices.numel(), dtype=acc, device=a.device),
+    crow, cols = csr if csr is not None else csr_structure(indices, n_rows, n_cols)
+    if a.device.type == "cpu":
+        out = cpu_sampled_matmul_t(a, b, crow, cols)
+        if out is not None:
+            return out
+    mask = torch.sparse_csr_tensor(crow, cols, torch.zeros(indices.numel(), dtype=acc, device=a.device),
                                    (n_rows, n_cols), check_invariants=False)
-    return torch.sparse.sampled_addmm(mask, a.t().to(acc), b.to(acc), beta=0.0).values()
+    a_fm = feature_major(a_source, acc) if a_source is not None else a.t().to(acc).contiguous()
+    b_fm = feature_major(b_source, acc) if b_source is not None else b.t().to(acc).contiguous()
+    return torch.sparse.sampled_addmm(mask, a_fm, b_fm.t(), beta=0.0).values()
 
 
-def sampled_weight_grad(x2d: torch.Tensor, dy2d: torch.Tensor, indices: torch.Tensor, *,
-                        transposed: bool) -> torch.Tensor:
+def sampled_weight_grad(x2d: torch.Tensor, dy2d: torch.Tensor, indices: torch.Tensor, *, transposed: bool,
+                        csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        x: torch.Tensor | None = None) -> torch.Tensor:
     """Entries of the weight gradient at the flat ``indices``, for inputs ``x2d`` (T, in) and output gradients
-    ``dy2d`` (T, out), in at least fp32.
+    ``dy2d`` (T, out), in at least fp32. ``csr``: the mask's cached (row pointers, column indices); ``x``: the
+    layer input ``x2d`` was reshaped from, to share its prepared copy with sibling layers.
 
     Linear stores its weight as (out, in) and ``dW = dYᵀ X``; Conv1D stores (in, out) and ``dW = Xᵀ dY``.
     """
     if transposed:
-        return sampled_matmul_t(x2d, dy2d, indices, dy2d.shape[1])
-    return sampled_matmul_t(dy2d, x2d, indices, x2d.shape[1])
+        return sampled_matmul_t(x2d, dy2d, indices, dy2d.shape[1], csr=csr, a_source=x)
+    return sampled_matmul_t(dy2d, x2d, indices, x2d.shape[1], csr=csr, b_source=x)
