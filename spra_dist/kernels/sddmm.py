@@ -9,6 +9,7 @@ import torch
 
 from spra_dist.kernels.cpu_sddmm import cpu_sampled_matmul_t
 from spra_dist.kernels.shared import per_input
+from spra_dist.kernels.triton_sddmm import triton_sampled_weight_grad, use_triton
 
 # Rows of the sampled product computed at once in the fallback path (bounds its temporary memory).
 SDDMM_CHUNK = 1 << 14
@@ -81,6 +82,8 @@ def sampled_weight_grad(x2d: torch.Tensor, dy2d: torch.Tensor, indices: torch.Te
 
     Linear stores its weight as (out, in) and ``dW = dYᵀ X``; Conv1D stores (in, out) and ``dW = Xᵀ dY``.
     """
+    if use_triton(x2d, dy2d):  # CUDA (or SPRA_SDDMM=triton): the Triton kernel, no fp32 or transposed copies
+        return triton_sampled_weight_grad(x2d, dy2d, indices, transposed=transposed)
     if transposed:
         return sampled_matmul_t(x2d, dy2d, indices, dy2d.shape[1], csr=csr, a_source=x)
     return sampled_matmul_t(dy2d, x2d, indices, x2d.shape[1], csr=csr, b_source=x)
