@@ -21,6 +21,7 @@ $(VENV)/.done: pyproject.toml constraints.txt
 	$(BIN)/pip install torch==2.13.0
 	$(PIP) -e .[dev,deepspeed,gpu]
 	$(PIP) --no-deps $(OFFLINE)
+	$(BIN)/python -m spra_dist.kernels.cpu_sddmm   # compiles the opt-in CPU kernel once; never fails setup
 	touch $@
 
 test: setup

@@ -268,3 +268,71 @@ def test_sibling_layers_share_one_prepared_input(autocast, monkeypatch):
     assert shared_grads.keys() == plain.keys()
     for name, g in shared_grads.items():
         assert torch.equal(g, plain[name]), name
+
+
+def _cpu_kernel():
+    from spra_dist.kernels import cpu_sddmm
+
+    module = cpu_sddmm._load()
+    if module is None:
+        pytest.skip("the C++ SDDMM kernel did not build here (no compiler): the sampled_addmm path is tested instead")
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(48, 40), (7, 129)])
+def test_cpu_token_major_kernel_matches_dense_float64(dtype, shape):
+    """Exact against dYᵀX in float64 on the same (rounded) operands; low-precision inputs summed in fp32. T = 75
+    is not a multiple of the 32-token tile; the mask spans rows with none, one and many entries."""
+    from spra_dist.kernels import csr_structure
+    from spra_dist.masks import sample_indices
+
+    module = _cpu_kernel()
+    out, inp = shape
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(75, out, generator=g).to(dtype), torch.randn(75, inp, generator=g).to(dtype)
+    idx = sample_indices(3, "w", out * inp, max(1, out * inp // 9))
+    crow, cols = csr_structure(idx, out, inp)
+    got = module.sddmm_token_major(dy, x, crow, cols, 32)
+    want = (dy.double().t() @ x.double()).view(-1)[idx]
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    scale = (dy.double().abs().t() @ x.double().abs()).view(-1)[idx]  # Σ|a·b|: the sum's rounding scale
+    bound = 1e-12 if dtype == torch.float64 else 1e-6
+    assert ((got.double() - want).abs() <= bound * scale + 1e-30).all()
+
+
+def test_cpu_kernel_in_the_layer_matches_the_default_path(monkeypatch):
+    _cpu_kernel()
+    layer = make_layer("linear", True, dtype=torch.float32)
+    x = torch.randn(2, 9, 24)
+
+    def values_grad(kernel: str) -> torch.Tensor:
+        monkeypatch.setenv("SPRA_CPU_KERNEL", kernel)
+        layer.spra_values.grad = None
+        layer(x).square().sum().backward()
+        return layer.spra_values.grad.clone()
+
+    torch.testing.assert_close(values_grad("1"), values_grad("0"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_missing_compiler_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from spra_dist.kernels import cpu_sddmm
+
+    monkeypatch.setattr(cpu_sddmm, "_module", None)
+    monkeypatch.setattr(cpu_sddmm, "_failed", False)
+    monkeypatch.setenv("SPRA_CPU_KERNEL", "1")
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    a, b = torch.randn(4, 3), torch.randn(4, 5)
+    with pytest.warns(RuntimeWarning, match="could not be compiled.*c\\+\\+: command not found.*sampled_addmm"):
+        assert cpu_sddmm.cpu_sampled_matmul_t(a, b, torch.tensor([0, 1, 1, 2]), torch.tensor([0, 4])) is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call: no second warning
+        assert cpu_sddmm.cpu_sampled_matmul_t(a, b, torch.tensor([0, 1, 1, 2]), torch.tensor([0, 4])) is None
