@@ -21,13 +21,13 @@ The last columns give the adapted layer's total (frozen + merge/restore + as cal
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from bench.sddmm_parts import median_ms
 from spra_dist.kernels import MergedWeight, csr_structure
 from spra_dist.kernels.cpu_sddmm import _load as load_cpu_kernel
 from spra_dist.kernels.sddmm import sampled_matmul_t
@@ -44,16 +44,6 @@ SHAPES = {  # (out, in): model linears
     "smollm2 down 576×1536": (576, 1536),
 }
 COLUMNS = ["frozen", "merge/restore", "CSR build", "copies", "dtype casts", "kernel", "as called", "C++ token-major"]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def profile_shape(out: int, inp: int, *, tokens: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
@@ -88,7 +78,7 @@ def profile_shape(out: int, inp: int, *, tokens: int, dtype: torch.dtype, repeat
 
 def table(*, tokens: int, dtypes: list[str], repeats: int) -> str:
     lines = [f"_T = {tokens} tokens, {torch.get_num_threads()} threads, median ms of {repeats}; load average "
-             f"{', '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}_", ""]
+             f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}_", ""]
     for name in dtypes:
         dtype = getattr(torch, name)
         lines += [f"**{name}**", "", "| shape, k | " + " | ".join(COLUMNS) + " | adapted ÷ frozen (as called) | "

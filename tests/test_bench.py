@@ -20,3 +20,16 @@ def test_report_keeps_hand_written_text(tmp_path):
     doc.write_text(f"# notes\n\n{report.BEGIN}\nold\n{report.END}\n\ntail\n")
     report.write(doc, ["new table"])
     assert doc.read_text() == f"# notes\n\n{report.BEGIN}\nnew table\n{report.END}\n\ntail\n"
+
+
+def test_profile_step_table_has_every_shape_and_part():
+    from bench import profile_step
+
+    text = profile_step.table(tokens=64, dtypes=["float32", "bfloat16"], repeats=1)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "×" in line and "shape" not in line]
+    assert len(rows) == 2 * len(profile_step.SHAPES)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 1 + len(profile_step.COLUMNS) + 2
+        frozen, *_ = (float(c) for c in cells[1:3])
+        assert frozen > 0 and float(cells[-2]) > 1.0  # an adapted layer costs more than the frozen one
