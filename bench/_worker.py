@@ -8,7 +8,9 @@ Every method starts from the same random weights and trains on the same token id
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import time
@@ -21,7 +23,9 @@ from spra_dist.config import SpraConfig
 from spra_dist.masks import budget, sample_indices
 from spra_dist.model import apply_spra, replace_module
 
-METHODS = ("spra", "lora", "shira", "dense_grad", "full", "floor")
+METHODS = ("spra", "spra_cpp", "lora", "shira", "dense_grad", "full", "floor")
+# The two CPU paths of the values' gradient (spra_dist.kernels): each method pins its own, whatever the default.
+CPU_KERNEL = {"spra": "0", "spra_cpp": "1"}
 MODELS = ("smollm2", "minilm")
 # Every attention and MLP linear, named as PEFT and apply_spra match them (suffixes).
 TARGETS = {
@@ -64,7 +68,7 @@ class DenseGradSpra(nn.Module):
 def apply_method(model: nn.Module, method: str, targets: list[str]) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(method == "full")
-    if method == "spra":
+    if method in CPU_KERNEL:
         return apply_spra(model, SpraConfig(target_modules=targets, lora_rank=LORA_RANK, seed=0))
     if method in ("lora", "shira"):
         from peft import LoraConfig, ShiraConfig, get_peft_model
@@ -90,8 +94,17 @@ def loss_fn(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).last_hidden_state.float().pow(2).mean()
 
 
-def run(method: str, model_name: str, *, layers: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    """Warm-up steps, then ``steps`` timed steps of forward + backward + optimizer step."""
+def run(method: str, model_name: str, *, layers: int, batch: int, seq: int, steps: int, warmup: int,
+        autocast: str | None = None) -> dict:
+    """Warm-up steps, then ``steps`` timed steps of forward + backward + optimizer step; the forward under CPU
+    autocast to ``autocast`` (bf16) when given, weights and trained values staying fp32."""
+    if method in CPU_KERNEL:
+        os.environ["SPRA_CPU_KERNEL"] = CPU_KERNEL[method]
+        if method == "spra_cpp":
+            from spra_dist.kernels import cpu_sddmm
+
+            if cpu_sddmm._load() is None:
+                raise SystemExit("spra_cpp: the CPU kernel could not be built (see the warning above)")
     model, vocab = build_model(model_name, layers)
     model = apply_method(model, method, TARGETS[model_name])
     model.train()
@@ -99,16 +112,19 @@ def run(method: str, model_name: str, *, layers: int, batch: int, seq: int, step
     opt = torch.optim.AdamW(params, lr=1e-4) if method != "floor" else None
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
     times = []
+    cast = {"bf16": torch.bfloat16, "fp16": torch.float16}
     for i in range(warmup + steps):
         start = time.perf_counter()
-        loss_fn(model, model_name, ids).backward()
+        with torch.autocast("cpu", dtype=cast[autocast]) if autocast else contextlib.nullcontext():
+            loss = loss_fn(model, model_name, ids)
+        loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return {"method": method, "model": model_name, "layers": layers, "batch": batch, "seq": seq,
-            "trainable": sum(p.numel() for p in params), "step_s": times,
+            "autocast": autocast, "trainable": sum(p.numel() for p in params), "step_s": times,
             "median_s": statistics.median(times), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads()}
 
@@ -122,9 +138,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--profile", metavar="TRACE", help="also write a torch.profiler table of one step here")
+    ap.add_argument("--autocast", choices=("bf16", "fp16"), help="run the forward under CPU autocast")
     a = ap.parse_args()
-    out = run(a.method, a.model, layers=a.layers, batch=a.batch, seq=a.seq, steps=a.steps, warmup=a.warmup)
+    out = run(a.method, a.model, layers=a.layers, batch=a.batch, seq=a.seq, steps=a.steps, warmup=a.warmup,
+              autocast=a.autocast)
     print(json.dumps(out))
 
 

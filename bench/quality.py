@@ -11,7 +11,9 @@ A cell is one arm (a method at one budget) at one learning rate and seed, named 
 it trains in a fresh process (``bench.quality_cell``) and its result is appended to docs/quality.jsonl as one
 line, so a rerun skips every finished cell. Protocol: an arm's learning rate is the best on validation with
 seed 0 over its grid (accuracy for classification, loss for SFT; the test split is never used to choose), and
-its other seeds run at that rate only.
+its other seeds run at that rate only. When the best rate sits at an end of the grid, the grid grows by the next
+rate on the 1-3-10 ladder beyond that end and that cell runs too (at most ``EXTEND`` times per arm), so a choice at an
+edge is never taken for an optimum without a look past it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 from bench import quality_report
 
 ROOT = Path(__file__).resolve().parent.parent
-SPRA, LORA = (3e-3, 1e-2, 3e-2), (3e-4, 1e-3, 3e-3)
+# Grids as validation placed them: at r=4 SpaRA fell from 3e-3 upwards and LoRA rose up to 3e-3.
+SPRA, LORA, HEAD = (1e-3, 3e-3, 1e-2), (1e-3, 3e-3, 1e-2), (3e-3, 1e-2, 3e-2)
+EXTEND = 2  # at most this many rates added past the ends of an arm's grid
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ ARMS = [
                                       Arm(f"lora_r{r}", "cls", "lora", LORA, rank=r))],
     Arm("shira_r8", "cls", "shira", SPRA, rank=8),  # the same delta parameterisation as SpaRA
     Arm("full", "cls", "full", (1e-5, 3e-5, 1e-4)),
-    Arm("head", "cls", "head", SPRA),
+    Arm("head", "cls", "head", HEAD),
     Arm("spra_vo_r8", "cls", "spra", SPRA, rank=8, targets="vo", part="placement"),
     Arm("spra_r8", "sft", "spra", (1e-3, 3e-3, 1e-2), rank=8, part="sft"),
     Arm("lora_r8", "sft", "lora", LORA, rank=8, part="sft"),
@@ -112,7 +116,7 @@ def selected(cid: str, only: list[str] | None) -> bool:
 
 def check_only(only: list[str] | None, arms: list[Arm], scales: dict[str, Scale]) -> None:
     """Refuse a pattern that matches no cell the study could run (a typo would otherwise run nothing)."""
-    ids = [cell_id(a, lr, s) for a in arms for lr in grid(a, scales[a.task]) for s in range(scales[a.task].seeds)]
+    ids = [cell_id(a, lr, s) for a in arms for lr in grid(a, scales[a.task], []) for s in range(scales[a.task].seeds)]
     for pattern in only or []:
         if not any(selected(cid, [pattern]) for cid in ids):
             arm_names = sorted({f"{a.task}/{a.name}" for a in arms})
@@ -138,8 +142,33 @@ def current(records: list[dict], scales: dict[str, Scale]) -> list[dict]:
     return [r for r in records if r.get("task") in scales and r.get("settings") == scales[r["task"]].settings()]
 
 
-def grid(arm: Arm, scale: Scale) -> tuple[float, ...]:
-    return arm.lrs[: scale.grid] if scale.grid else arm.lrs
+def beyond(lr: float, up: bool) -> float:
+    """The next rate past ``lr`` on the 1-3-10 ladder (3e-3 -> 1e-2 up, 1e-3 down), exactly as a flag would parse."""
+    mantissa, exponent = (int(part) for part in f"{lr:.0e}".split("e"))
+    if mantissa not in (1, 3) or float(f"{mantissa}e{exponent}") != lr:
+        raise ValueError(f"learning rate {lr:g} is not on the 1-3-10 ladder; grids use 1e-3, 3e-3, 1e-2, ...")
+    if up:
+        return float(f"3e{exponent}") if mantissa == 1 else float(f"1e{exponent + 1}")
+    return float(f"1e{exponent}") if mantissa == 3 else float(f"3e{exponent - 1}")
+
+
+def grid(arm: Arm, scale: Scale, records: list[dict]) -> tuple[float, ...]:
+    """The arm's rates: its grid, grown past an end while the best of seed 0 on validation sits at that end."""
+    rates = list(arm.lrs[: scale.grid] if scale.grid else arm.lrs)
+    if scale.grid:  # a cut grid (the smoke study) never grows
+        return tuple(rates)
+    seed0 = seed0_records(arm, records)
+    for _ in range(EXTEND):
+        if len(rates) < 2 or any(lr not in seed0 for lr in rates):
+            break
+        best = min(rates, key=lambda lr: val_key(seed0[lr]))
+        if best not in (rates[0], rates[-1]):
+            break
+        if best == rates[0]:
+            rates.insert(0, beyond(best, up=False))
+        else:
+            rates.append(beyond(best, up=True))
+    return tuple(rates)
 
 
 def val_key(record: dict) -> tuple[float, ...]:
@@ -149,11 +178,11 @@ def val_key(record: dict) -> tuple[float, ...]:
 
 
 def choose_lr(arm: Arm, scale: Scale, records: list[dict]) -> float | None:
-    """The grid's best rate on validation with seed 0; None until every rate of the grid has run."""
-    seed0 = seed0_records(arm, records)
-    if any(lr not in seed0 for lr in grid(arm, scale)):
+    """The grid's best rate on validation with seed 0; None until every rate of the (grown) grid has run."""
+    seed0, rates = seed0_records(arm, records), grid(arm, scale, records)
+    if any(lr not in seed0 for lr in rates):
         return None
-    return min(grid(arm, scale), key=lambda lr: val_key(seed0[lr]))
+    return min(rates, key=lambda lr: val_key(seed0[lr]))
 
 
 def seed0_records(arm: Arm, records: list[dict]) -> dict[float, dict]:
@@ -174,7 +203,8 @@ def rows(arms: list[Arm], scales: dict[str, Scale], records: list[dict]) -> list
         lr = choose_lr(arm, scale, records)
         final = sorted((r for r in records if r["task"] == arm.task and r["arm"] == arm.name and r["lr"] == lr),
                        key=lambda r: r["seed"]) if lr is not None else []
-        out.append({"arm": arm, "grid": grid(arm, scale), "seed0": seed0_records(arm, records), "chosen": lr,
+        out.append({"arm": arm, "grid": grid(arm, scale, records), "extend": EXTEND,
+                    "seed0": seed0_records(arm, records), "chosen": lr,
                     "final": final, "seeds": scale.seeds})
     return out
 
@@ -226,18 +256,22 @@ def run_study(arms: list[Arm], scales: dict[str, Scale], *, out: Path, only: lis
     failed, path = 0, out / "quality.jsonl"
     for arm in arms:
         scale = scales[arm.task]
-        for phase in ("grid", "seeds"):  # the seeds after 0 are known once the grid has run
+        seen: set[str] = set()
+        while True:  # the grid's cells, then the seeds after 0 once it has stopped growing and a rate is chosen
             records = current(read_records(path), scales)
             done = {r["id"] for r in records}
-            cells = [(lr, 0) for lr in grid(arm, scale)] if phase == "grid" else later_seeds(arm, scale, records)
-            for lr, seed in cells:
+            cells = [(lr, 0) for lr in grid(arm, scale, records)] + later_seeds(arm, scale, records)
+            todo = [(lr, seed) for lr, seed in cells if selected(cell_id(arm, lr, seed), only)
+                    and cell_id(arm, lr, seed) not in seen]
+            if not todo:
+                break
+            for lr, seed in todo:
                 cid = cell_id(arm, lr, seed)
-                if not selected(cid, only):
-                    continue
+                seen.add(cid)  # tried once per run: a failed cell is not retried in a loop
                 if cid in done:
                     print(f"skip {cid} (in {path.name})", flush=True)
-                else:
-                    failed += not run_cell(arm, scale, lr, seed, out=out)
+                elif not run_cell(arm, scale, lr, seed, out=out):
+                    failed += 1
     return failed
 
 
@@ -245,7 +279,7 @@ def list_cells(arms: list[Arm], scales: dict[str, Scale], records: list[dict], o
     done = {r["id"] for r in records}
     for arm in arms:
         scale = scales[arm.task]
-        for lr, seed in [(lr, 0) for lr in grid(arm, scale)] + later_seeds(arm, scale, records):
+        for lr, seed in [(lr, 0) for lr in grid(arm, scale, records)] + later_seeds(arm, scale, records):
             cid = cell_id(arm, lr, seed)
             state = "done" if cid in done else "to run" if selected(cid, only) else "not selected"
             print(f"{cid:40s} {state}")

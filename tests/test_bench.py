@@ -1,5 +1,7 @@
 """Smoke test of the benchmark's pieces (the benchmark itself runs with ``python -m bench.run_all``)."""
 
+import os
+
 import pytest
 
 pytest.importorskip("peft")
@@ -13,6 +15,33 @@ def test_worker_one_tiny_step(method):
     out = run(method, "smollm2", layers=1, batch=1, seq=8, steps=1, warmup=0)
     assert len(out["step_s"]) == 1 and out["peak_rss"] > 0
     assert out["trainable"] == (0 if method == "floor" else 8 * (2 * 1152 + 2 * 768 + 3 * 2112))
+
+
+@pytest.mark.parametrize("method", ["spra", "spra_cpp", "lora", "floor"])
+def test_worker_bf16_autocast_step_pins_its_cpu_path(method, monkeypatch):
+    monkeypatch.setenv("SPRA_CPU_KERNEL", "unset")  # restored after the test, whatever the worker sets
+    out = run(method, "minilm", layers=1, batch=1, seq=8, steps=1, warmup=0, autocast="bf16")
+    assert out["autocast"] == "bf16" and len(out["step_s"]) == 1
+    assert out["trainable"] == (0 if method == "floor" else 8 * (4 * 768 + 2 * 1920))  # MiniLM: q k v o, in, out
+    assert os.environ["SPRA_CPU_KERNEL"] == {"spra": "0", "spra_cpp": "1"}.get(method, "unset")
+
+
+def test_targets_name_each_figure_and_whether_it_holds():
+    def row(median_s, rss):
+        return {"median_s": median_s, "peak_rss": rss}
+
+    steps = [{"model": "smollm2", "layers": 2, "autocast": None, "methods": {
+        "spra": row(1.0, 103), "spra_cpp": row(0.9, 102), "lora": row(1.0, 110), "floor": row(0.9, 100)}},
+        {"model": "minilm", "layers": 6, "autocast": "bf16", "methods": {
+            "spra": row(2.0, 1), "lora": row(2.2, 1), "floor": row(2.0, 1)}}]
+    lines = report.target_lines(steps, [{"model": "llama3-70b", "budget": "r8", "seconds": 4.2}], [])
+    assert lines[0] == ("- smollm2 L2, spra_dist (sampled_addmm): step 1.00 × LoRA (≤ 0.95: **does not hold**), "
+                        "1.11 × floor (≤ 1.05: **does not hold**), peak RSS 1.030 × floor (≤ 1.03: holds)")
+    assert lines[1] == ("- smollm2 L2, spra_dist (C++ kernel): step 0.90 × LoRA (≤ 0.95: holds), 1.00 × floor "
+                        "(≤ 1.05: holds), peak RSS 1.020 × floor (≤ 1.03: holds)")
+    assert lines[2] == ("- minilm L6 bf16, spra_dist (sampled_addmm): step 0.91 × LoRA (≤ 0.95: holds), 1.00 × "
+                        "floor (≤ 1.05: holds)")
+    assert lines[3] == "- mask rebuild llama3-70b r8: 4.20 s (≤ 5 s: holds)"
 
 
 def test_report_keeps_hand_written_text(tmp_path):
@@ -33,3 +62,26 @@ def test_profile_step_table_has_every_shape_and_part():
         assert len(cells) == 1 + len(profile_step.COLUMNS) + 2
         frozen, *_ = (float(c) for c in cells[1:3])
         assert frozen > 0 and float(cells[-2]) > 1.0  # an adapted layer costs more than the frozen one
+
+
+def test_compile_table_compares_each_method_with_lora_and_the_floor():
+    from bench import compile_speed
+
+    def res(method, eager, compiled):
+        return {"method": method, "eager_median_s": eager, "compiled_median_s": compiled,
+                "speedup": eager / compiled, "first_compiled_step_s": 30.0, "load_before": 1.0}
+
+    lines = compile_speed.table([res("spra", 1.2, 1.0), res("lora", 1.1, 1.25), res("floor", 1.0, 0.8)])
+    assert lines[2] == "| spra_dist | 1.200 | 1.000 | 1.20× | 30.0 | 0.80 | 1.25 | 1.0 |"
+    assert lines[4].startswith("| floor (all frozen) | 1.000 | 0.800 | 1.25× |")
+
+
+def test_chart_draws_configs_with_different_methods(tmp_path):
+    def res(model, methods, autocast=None):
+        return {"model": model, "layers": 2, "autocast": autocast,
+                "methods": {m: {"median_s": 1.0 + i, "peak_rss": 2**30} for i, m in enumerate(methods)}}
+
+    steps = [res("smollm2", ["spra", "spra_cpp", "lora", "shira", "floor"]), res("minilm", ["spra", "lora", "floor"]),
+             res("minilm", ["spra", "floor"], autocast="bf16")]
+    report.chart(steps, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")

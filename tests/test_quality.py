@@ -12,14 +12,14 @@ import pytest
 
 pytest.importorskip("peft")
 
-from bench import quality  # noqa: E402
+from bench import quality, quality_report  # noqa: E402
 from bench.quality_cell import parse, prepare, run  # noqa: E402
 from spra_dist.model import spra_modules  # noqa: E402
 from spra_dist.train.config import ModelConfig  # noqa: E402
 from spra_dist.train.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SPRA, LORA = "cls/spra_r8/lr=0.003/seed=0", "cls/lora_r8/lr=0.0003/seed=0"
+SPRA, LORA = "cls/spra_r8/lr=0.001/seed=0", "cls/lora_r8/lr=0.001/seed=0"
 MINILM_R8 = 8 * (6 * (4 * (384 + 384) + 2 * (384 + 1536)) + 384 + 384)  # 37 linears: 6 layers and the pooler
 
 
@@ -37,7 +37,7 @@ def test_smoke_study_appends_resumes_filters_and_reports(tmp_path):
     assert [json.loads(line)["id"] for line in jsonl.read_text().splitlines()] == [SPRA]
     assert f"run  {SPRA}" in out and "lora" not in out
 
-    first = jsonl.read_text() + '{"id": "cls/lora_r8/lr=0.0003/se'  # a record cut short by a kill mid-write
+    first = jsonl.read_text() + '{"id": "cls/lora_r8/lr=0.001/se'  # a record cut short by a kill mid-write
     jsonl.write_text(first)
     out = study(tmp_path, "--only", "cls/spra_r8,cls/lora_r8")
     assert f"skip {SPRA}" in out and f"run  {SPRA}" not in out and f"run  {LORA}" in out
@@ -55,11 +55,11 @@ def test_smoke_study_appends_resumes_filters_and_reports(tmp_path):
 
     md = (tmp_path / "quality.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| SpaRA r=8 |"))
-    assert f"| {spra['trainable']:,} | 0.003 | {100 * spra['test']['accuracy']:.1f} (n=1) |" in row
+    assert f"| {spra['trainable']:,} | 0.001 | {100 * spra['test']['accuracy']:.1f} (n=1) |" in row
     assert f"{100 * spra['val']['accuracy']:.1f} (n=1) | {spra['test']['eval_loss']:.3f} (n=1)" in row
     diff = 100 * (spra["test"]["accuracy"] - lora["test"]["accuracy"])
     assert f"SpaRA − LoRA = {diff:+.2f} points" in md
-    assert f"**0.003 → {100 * spra['val']['accuracy']:.1f}% / {spra['val']['eval_loss']:.3f}**" in md
+    assert f"**0.001 → {100 * spra['val']['accuracy']:.1f}% / {spra['val']['eval_loss']:.3f}**" in md
     assert "| SpaRA r=4 | – | grid 0 of 1 rates |" in md
     png = (tmp_path / "quality.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -92,16 +92,37 @@ def fake(arm: quality.Arm, lr: float, seed: int, acc: float, loss: float = 0.5) 
 
 
 def test_rate_is_chosen_on_validation_with_seed_0_then_the_other_seeds_run_at_it():
-    arm, scale = quality.Arm("spra_r8", "cls", "spra", (1e-3, 1e-2, 1e-1), rank=8), quality.FULL["cls"]
-    records = [fake(arm, 1e-3, 0, 0.70), fake(arm, 1e-2, 0, 0.80, loss=0.6)]
+    arm, scale = quality.Arm("spra_r8", "cls", "spra", (1e-3, 3e-3, 1e-2), rank=8), quality.FULL["cls"]
+    records = [fake(arm, 1e-3, 0, 0.70), fake(arm, 3e-3, 0, 0.80, loss=0.6)]
     assert quality.choose_lr(arm, scale, records) is None and quality.later_seeds(arm, scale, records) == []
-    records.append(fake(arm, 1e-1, 0, 0.80, loss=0.4))  # a tie on accuracy goes to the lower loss
-    records.append({**fake(arm, 1e-2, 1, 0.99), "test": {"accuracy": 1.0}})  # other seeds never choose
-    assert quality.choose_lr(arm, scale, records) == 1e-1
-    assert quality.later_seeds(arm, scale, records) == [(1e-1, 1), (1e-1, 2)]
-    sft = quality.Arm("lora_r8", "sft", "lora", (1e-4, 1e-3), rank=8)
-    assert quality.choose_lr(sft, quality.FULL["sft"], [fake(sft, 1e-4, 0, 0, loss=0.3),
-                                                        fake(sft, 1e-3, 0, 0, loss=0.2)]) == 1e-3
+    records.append(fake(arm, 1e-2, 0, 0.80, loss=0.4))  # a tie on accuracy goes to the lower loss
+    records.append({**fake(arm, 3e-3, 1, 0.99), "test": {"accuracy": 1.0}})  # other seeds never choose
+    # The best sits at the top of the grid: the next rate up runs before anything is chosen.
+    assert quality.grid(arm, scale, records) == (1e-3, 3e-3, 1e-2, 3e-2)
+    assert quality.choose_lr(arm, scale, records) is None and quality.later_seeds(arm, scale, records) == []
+    records.append(fake(arm, 3e-2, 0, 0.75))
+    assert quality.grid(arm, scale, records) == (1e-3, 3e-3, 1e-2, 3e-2)  # no longer at an edge: done
+    assert quality.choose_lr(arm, scale, records) == 1e-2
+    assert quality.later_seeds(arm, scale, records) == [(1e-2, 1), (1e-2, 2)]
+    sft = quality.Arm("lora_r8", "sft", "lora", (1e-4, 3e-4, 1e-3), rank=8)
+    assert quality.choose_lr(sft, quality.FULL["sft"], [fake(sft, 1e-4, 0, 0, loss=0.3), fake(
+        sft, 3e-4, 0, 0, loss=0.2), fake(sft, 1e-3, 0, 0, loss=0.25)]) == 3e-4  # SFT: the lowest loss
+
+
+def test_grid_grows_past_an_edge_at_most_extend_times_and_not_in_the_smoke_study():
+    arm, scale = quality.Arm("lora_r4", "cls", "lora", (1e-3, 3e-3, 1e-2), rank=4), quality.FULL["cls"]
+    records = [fake(arm, 1e-3, 0, 0.80), fake(arm, 3e-3, 0, 0.78), fake(arm, 1e-2, 0, 0.70)]
+    assert quality.grid(arm, scale, records) == (3e-4, 1e-3, 3e-3, 1e-2)
+    records += [fake(arm, 3e-4, 0, 0.81), fake(arm, 1e-4, 0, 0.82)]
+    assert quality.EXTEND == 2 and quality.grid(arm, scale, records) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    assert quality.choose_lr(arm, scale, records) == 1e-4  # still the edge, but the grid has grown EXTEND times
+    row = quality.rows([arm], quality.FULL, records)[0]
+    assert "grid grown by 2; still at an edge after 2 extensions" in "".join(quality_report.lr_table([row]))
+    assert quality.grid(arm, quality.SMOKE["cls"], records) == (1e-3,)
+    assert [quality.beyond(lr, up) for lr, up in [(3e-3, True), (1e-2, True), (1e-3, False), (3e-5, False)]] == [
+        1e-2, 3e-2, 3e-4, 1e-5]
+    with pytest.raises(ValueError, match="0.002 is not on the 1-3-10 ladder"):
+        quality.beyond(2e-3, up=True)
 
 
 def test_only_patterns_and_a_line_cut_short(tmp_path):

@@ -81,7 +81,8 @@ def test_exit_code_of_a_preempted_rank(tmp_path):
     assert "Traceback" not in log and len(list((out / "checkpoints").glob("step-*"))) == 1
 
 
-@pytest.mark.parametrize("engine, launcher", [("fsdp2", "torchrun"), ("zero2", "deepspeed"), ("zero3", "accelerate")])
+# make stress --kill runs every engine x launcher route (accelerate included); the suite runs two of them.
+@pytest.mark.parametrize("engine, launcher", [("fsdp2", "torchrun"), ("zero2", "deepspeed")])
 def test_kill9_of_one_rank_ends_the_job_naming_it(engine, launcher, tmp_path):
     result = stress.signal_rank(engine, launcher, tmp_path / "out", sig=signal.SIGKILL, rank=1)
     log = result["log"].replace("rank: 1", "rank 1")
@@ -91,25 +92,28 @@ def test_kill9_of_one_rank_ends_the_job_naming_it(engine, launcher, tmp_path):
 
 
 def test_stopped_rank_is_found_by_the_timeout(tmp_path):
+    import os
+
+    import psutil
+
     proc = stress.start("ddp", "torchrun", tmp_path / "out", "max_steps=2000", "dist_timeout_s=15")
-    pid = None
+    seconds = None
     try:
         stress.wait_for_step(tmp_path / "out" / "metrics.jsonl", 2, proc)
-        pid = stress.rank_pids(proc.pid)[1]
+        ranks = stress.rank_pids(proc.pid)
+        rank0 = psutil.Process(ranks[0])
         sent = time.monotonic()
-        import os
-
-        os.kill(pid, signal.SIGSTOP)
-        log, _ = proc.communicate(timeout=180)
+        os.kill(ranks[1], signal.SIGSTOP)
+        # Rank 0 finds the lost rank and leaves; torchrun then gives the stopped rank its own 30 s grace before
+        # killing it (measured: the whole job ends ~46 s after the stop), which the suite does not sit through.
+        rank0.wait(timeout=120)
         seconds = time.monotonic() - sent
     finally:
         if proc.poll() is None:
-            import os
-
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    print(f"SIGSTOP rank 1 (dist_timeout_s=15) -> job ended: {seconds:.1f} s")
-    assert proc.returncode != 0 and seconds < 120, (seconds, log[-3000:])
+        log, _ = proc.communicate()
+    print(f"SIGSTOP rank 1 (dist_timeout_s=15) -> rank 0 left: {seconds:.1f} s")
+    assert seconds is not None and 15 <= seconds < 60, (seconds, log[-3000:])
     assert "lost: rank 1" in log, log[-3000:]
 
 
