@@ -85,3 +85,16 @@ def test_chart_draws_configs_with_different_methods(tmp_path):
              res("minilm", ["spra", "floor"], autocast="bf16")]
     report.chart(steps, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_model_profile_counts_the_spra_ops_of_every_layer(monkeypatch):
+    from bench import profile_model
+
+    monkeypatch.setenv("SPRA_CPU_KERNEL", "0")  # restored after the test (measure pins the path it runs)
+    out = profile_model.measure("spra", "minilm", layers=1, batch=1, seq=8, steps=1, warmup=0)
+    ops = out["ops_ms"]
+    assert set(ops) == set(profile_model.OPS) and all(v > 0 for v in ops.values()) and out["step_ms"] > 0
+    floor = {**out, "method": "floor", "step_ms": out["step_ms"] - 5, "ops_ms": dict.fromkeys(ops, 0.0)}
+    lines = profile_model.table([out, floor])
+    assert lines[2].startswith(f"| spra | {out['step_ms']:.0f} | +5 | {ops['spra_dist::linear']:.0f} |")
+    assert lines[3].startswith(f"| floor | {floor['step_ms']:.0f} | +0 | – | – | – |")
