@@ -7,7 +7,8 @@ Each method (spra through sampled_addmm, spra through the C++ kernel, PEFT LoRA 
 process on bench._worker's model and tokens: warm-up steps, then timed steps under ``torch.profiler`` (CPU).
 Per step it reports the median wall time and the time spent inside ``spra_dist::linear`` (forward: merge, matmul,
 restore), ``spra_dist::input_grad`` (merge, matmul, restore) and ``spra_dist::values_grad`` (the sampled
-product with its copies), summed over all adapted layers. The step minus the floor's step is what SpaRA adds;
+product with its copies), summed over all adapted layers, and the bytes autograd keeps for backward (each
+storage once, weights included). The step minus the floor's step is what SpaRA adds;
 the op times say which part of it is the values' gradient. Needs a quiet machine: with other work running,
 every op absorbs scheduler delays.
 """
@@ -31,6 +32,21 @@ METHODS = ("spra", "spra_cpp", "lora", "floor")
 OPS = ("spra_dist::linear", "spra_dist::input_grad", "spra_dist::values_grad")
 
 
+def saved_bytes(forward) -> int:
+    """Bytes autograd keeps for backward after ``forward()``: each storage counted once, frozen weights and
+    buffers (parameters of the model, alive anyway) included as a method saves them."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()  # the graph is dropped unused
+    return sum(storages.values())
+
+
 def measure(method: str, model_name: str, *, layers: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
     if method in CPU_KERNEL:
         os.environ["SPRA_CPU_KERNEL"] = CPU_KERNEL[method]
@@ -50,22 +66,25 @@ def measure(method: str, model_name: str, *, layers: int, batch: int, seq: int, 
 
     for _ in range(warmup):
         step()
+    saved = saved_bytes(lambda: loss_fn(model, model_name, ids))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         times = [step() for _ in range(steps)]
     totals = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key in OPS}
     return {"method": method, "model": model_name, "layers": layers, "batch": batch, "seq": seq,
             "step_ms": 1e3 * statistics.median(times), "ops_ms": {op: totals.get(op, 0.0) for op in OPS},
+            "saved_mib": saved / 2**20,
             "load_before": os.getloadavg()[0]}
 
 
 def table(results: list[dict]) -> list[str]:
     floor = next((r["step_ms"] for r in results if r["method"] == "floor"), None)
     lines = ["| method | median step (ms) | − floor (ms) | forward op (ms) | input-grad op (ms) | values-grad op (ms) "
-             "| load before |", "|---|" + "---:|" * 6]
+             "| saved for backward (MiB) | load before |", "|---|" + "---:|" * 7]
     for r in results:
         over = f"{r['step_ms'] - floor:+.0f}" if floor is not None else "–"
         ops = " | ".join(f"{r['ops_ms'][op]:.0f}" if r["ops_ms"][op] else "–" for op in OPS)
-        lines.append(f"| {r['method']} | {r['step_ms']:.0f} | {over} | {ops} | {r['load_before']:.1f} |")
+        lines.append(f"| {r['method']} | {r['step_ms']:.0f} | {over} | {ops} | {r['saved_mib']:.0f} | "
+                     f"{r['load_before']:.1f} |")
     return lines
 
 
