@@ -97,7 +97,7 @@ def test_stopped_rank_is_found_by_the_timeout(tmp_path):
     import psutil
 
     proc = stress.start("ddp", "torchrun", tmp_path / "out", "max_steps=2000", "dist_timeout_s=15")
-    seconds = None
+    seconds, ranks = None, {}
     try:
         stress.wait_for_step(tmp_path / "out" / "metrics.jsonl", 2, proc)
         ranks = stress.rank_pids(proc.pid)
@@ -109,9 +109,14 @@ def test_stopped_rank_is_found_by_the_timeout(tmp_path):
         rank0.wait(timeout=120)
         seconds = time.monotonic() - sent
     finally:
+        for pid in ranks.values():  # the workers have sessions of their own: killing torchrun's group misses them
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
+        log, _ = proc.communicate(timeout=60)
     print(f"SIGSTOP rank 1 (dist_timeout_s=15) -> rank 0 left: {seconds:.1f} s")
     assert seconds is not None and 15 <= seconds < 60, (seconds, log[-3000:])
     assert "lost: rank 1" in log, log[-3000:]
