@@ -94,10 +94,8 @@ def loss_fn(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).last_hidden_state.float().pow(2).mean()
 
 
-def run(method: str, model_name: str, *, layers: int, batch: int, seq: int, steps: int, warmup: int,
-        autocast: str | None = None) -> dict:
-    """Warm-up steps, then ``steps`` timed steps of forward + backward + optimizer step; the forward under CPU
-    autocast to ``autocast`` (bf16) when given, weights and trained values staying fp32."""
+def pin_cpu_path(method: str) -> None:
+    """Set this process's CPU path for the values' gradient as ``method`` names it (spra / spra_cpp)."""
     if method in CPU_KERNEL:
         os.environ["SPRA_CPU_KERNEL"] = CPU_KERNEL[method]
         if method == "spra_cpp":
@@ -105,6 +103,13 @@ def run(method: str, model_name: str, *, layers: int, batch: int, seq: int, step
 
             if cpu_sddmm._load() is None:
                 raise SystemExit("spra_cpp: the CPU kernel could not be built (see the warning above)")
+
+
+def run(method: str, model_name: str, *, layers: int, batch: int, seq: int, steps: int, warmup: int,
+        autocast: str | None = None) -> dict:
+    """Warm-up steps, then ``steps`` timed steps of forward + backward + optimizer step; the forward under CPU
+    autocast to ``autocast`` (bf16) when given, weights and trained values staying fp32."""
+    pin_cpu_path(method)
     model, vocab = build_model(model_name, layers)
     model = apply_method(model, method, TARGETS[model_name])
     model.train()

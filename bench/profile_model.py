@@ -26,7 +26,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench._worker import CPU_KERNEL, MODELS, TARGETS, apply_method, build_model, loss_fn
+from bench._worker import MODELS, TARGETS, apply_method, build_model, loss_fn, pin_cpu_path
 
 METHODS = ("spra", "spra_cpp", "lora", "floor")
 OPS = ("spra_dist::linear", "spra_dist::input_grad", "spra_dist::values_grad")
@@ -48,8 +48,7 @@ def saved_bytes(forward) -> int:
 
 
 def measure(method: str, model_name: str, *, layers: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    if method in CPU_KERNEL:
-        os.environ["SPRA_CPU_KERNEL"] = CPU_KERNEL[method]
+    pin_cpu_path(method)
     model, vocab = build_model(model_name, layers)
     model = apply_method(model, method, TARGETS[model_name]).train()
     params = [p for p in model.parameters() if p.requires_grad]
