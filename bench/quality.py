@@ -114,9 +114,11 @@ def selected(cid: str, only: list[str] | None) -> bool:
     return only is None or any(fnmatch.fnmatch(cid, p) or fnmatch.fnmatch(cid, p.rstrip("/") + "/*") for p in only)
 
 
-def check_only(only: list[str] | None, arms: list[Arm], scales: dict[str, Scale]) -> None:
-    """Refuse a pattern that matches no cell the study could run (a typo would otherwise run nothing)."""
-    ids = [cell_id(a, lr, s) for a in arms for lr in grid(a, scales[a.task], []) for s in range(scales[a.task].seeds)]
+def check_only(only: list[str] | None, arms: list[Arm], scales: dict[str, Scale], records: list[dict]) -> None:
+    """Refuse a pattern that matches no cell the study could run (a typo would otherwise run nothing); rates a
+    grid has grown to count."""
+    ids = [cell_id(a, lr, s) for a in arms for lr in grid(a, scales[a.task], records)
+           for s in range(scales[a.task].seeds)]
     for pattern in only or []:
         if not any(selected(cid, [pattern]) for cid in ids):
             arm_names = sorted({f"{a.task}/{a.name}" for a in arms})
@@ -299,7 +301,7 @@ def main() -> None:
     only = [p.strip() for p in a.only.split(",") if p.strip()] if a.only else None
     scales = SMOKE if a.smoke else FULL
     try:
-        check_only(only, ARMS, scales)
+        check_only(only, ARMS, scales, current(read_records(a.out / "quality.jsonl"), scales))
     except ValueError as err:
         ap.error(str(err))
     a.out.mkdir(parents=True, exist_ok=True)

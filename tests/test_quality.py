@@ -118,6 +118,9 @@ def test_grid_grows_past_an_edge_at_most_extend_times_and_not_in_the_smoke_study
     assert quality.choose_lr(arm, scale, records) == 1e-4  # still the edge, but the grid has grown EXTEND times
     row = quality.rows([arm], quality.FULL, records)[0]
     assert "grid grown by 2; still at an edge after 2 extensions" in "".join(quality_report.lr_table([row]))
+    quality.check_only(["cls/lora_r4/lr=0.0001/seed=0"], [arm], quality.FULL, records)  # a grown rate is a cell
+    with pytest.raises(ValueError, match="matches no cell"):
+        quality.check_only(["cls/lora_r4/lr=0.0001/seed=0"], [arm], quality.FULL, [])
     assert quality.grid(arm, quality.SMOKE["cls"], records) == (1e-3,)
     assert [quality.beyond(lr, up) for lr, up in [(3e-3, True), (1e-2, True), (1e-3, False), (3e-5, False)]] == [
         1e-2, 3e-2, 3e-4, 1e-5]
