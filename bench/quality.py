@@ -49,12 +49,16 @@ class Arm:
     lrs: tuple[float, ...]
     rank: int | None = None
     targets: str = "all"  # all | vo
-    part: str = "methods"  # the report's section: methods | placement | sft
+    part: str = "methods"  # the report's section: methods | placement | sft | probe
+    change: tuple[str, ...] = ()  # a probe's flags, after the scale's (so ``--warmup 0`` wins); never the test split
 
     def flags(self) -> list[str]:
         out = ["--task", self.task, "--method", self.method]
         out += ["--rank", str(self.rank)] if self.rank is not None else []
         return out + (["--targets", self.targets] if self.targets != "all" else [])
+
+    def probe_flags(self) -> list[str]:
+        return [*self.change, "--no-test"] if self.part == "probe" else []
 
 
 ARMS = [
@@ -67,6 +71,12 @@ ARMS = [
     Arm("spra_r8", "sft", "spra", (1e-3, 3e-3, 1e-2), rank=8, part="sft"),
     Arm("lora_r8", "sft", "lora", LORA, rank=8, part="sft"),
 ]
+# Why SpaRA r=4 trails LoRA r=4: one setting changed at a time, at SpaRA r=4's rate chosen on validation, scored on
+# validation only (the probes never see test), three seeds each.
+PROBE_LR = 3e-3
+PROBES = {"spra_r4_warmup0": ("--warmup", "0"), "spra_r4_warmup25": ("--warmup", "25"),
+          "spra_r4_wd0.1": ("--weight-decay", "0.1"), "spra_r4_density": ("--alloc", "density")}
+ARMS += [Arm(name, "cls", "spra", (PROBE_LR,), rank=4, part="probe", change=change) for name, change in PROBES.items()]
 
 
 @dataclass(frozen=True)
@@ -214,7 +224,9 @@ def rows(arms: list[Arm], scales: dict[str, Scale], records: list[dict]) -> list
 def headline(record: dict) -> str:
     val, test = record["val"], record["test"]
     if record["task"] == "cls":
-        return f"val accuracy {val['accuracy']:.3f}, test accuracy {test['accuracy']:.3f}"
+        return f"val accuracy {val['accuracy']:.3f}" + (f", test accuracy {test['accuracy']:.3f}" if test else "")
+    if test is None:
+        return f"val loss {val['eval_loss']:.4f}"
     extra = f", exact match {test['exact_match']:.2f}" if "exact_match" in test else ""
     return f"val loss {val['eval_loss']:.4f}, test loss {test['eval_loss']:.4f}{extra}"
 
@@ -223,7 +235,7 @@ def command(arm: Arm, scale: Scale, lr: float, seed: int) -> list[str]:
     python = Path(sys.executable)
     shown = os.path.relpath(python, ROOT) if python.is_relative_to(ROOT) else str(python)
     return [shown, "-m", "bench.quality_cell", *arm.flags(), "--lr", repr(lr), "--seed", str(seed),
-            *scale.flags()]
+            *scale.flags(), *arm.probe_flags()]
 
 
 def run_cell(arm: Arm, scale: Scale, lr: float, seed: int, *, out: Path) -> bool:

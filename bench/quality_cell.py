@@ -7,7 +7,8 @@ study's shared loop, evaluate on validation and test; prints one JSON line.
 Every method sees the same examples in the same order (the seed fixes the order, the head's init and the
 method's own random mask or init), the same optimizer (AdamW, no weight decay), schedule (linear warmup, then
 cosine decay to zero), clipping, steps and evaluation: the method only decides how the model is prepared and
-which parameters train (``prepare``). ``bench.quality`` runs the cells and writes the report.
+which parameters train (``prepare``). ``bench.quality`` runs the cells and writes the report. The study's probes
+vary one setting (``--weight-decay``, ``--warmup``, ``--alloc``) and never evaluate on test (``--no-test``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ DATES = Path(__file__).resolve().parent.parent / "runs" / "quality" / "iso_dates
 
 
 def train(model: nn.Module, groups: list[dict], data: TokenSet, *, steps: int, batch: int, warmup: int, seed: int,
-          pad_id: int) -> list[float]:
+          pad_id: int, weight_decay: float = 0.0) -> list[float]:
     """The study's one training loop; ``groups`` are AdamW parameter groups (each with its peak ``lr``)."""
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps=warmup, max_steps=steps, schedule="cosine"))
     params = [p for g in groups for p in g["params"]]
@@ -63,28 +64,34 @@ def train(model: nn.Module, groups: list[dict], data: TokenSet, *, steps: int, b
     return losses
 
 
-def spra_config(model: nn.Module, *, task: str, rank: int, targets: str, seed: int) -> SpraConfig:
-    """All linears at LoRA rank ``rank``'s budget, or V/O only with the same total k spread by one density."""
+def spra_config(model: nn.Module, *, task: str, rank: int, targets: str, seed: int, alloc: str = "rank"
+                ) -> SpraConfig:
+    """All linears at LoRA rank ``rank``'s budget per matrix (``alloc`` rank: k = r·(n_in + n_out)), or the same
+    total k spread by one density over all linears (``alloc`` density) or over V/O only (``targets`` vo)."""
     head = [HEAD] if task == "cls" else []
     every = SpraConfig(target_modules="all-linear", lora_rank=rank, seed=seed, trainable_modules=head)
-    if targets == "all":
+    if targets == "all" and alloc == "rank":
         return every
     total_k = sum(budget(tuple(model.get_submodule(n).weight.shape), lora_rank=rank, density=None)
                   for n in select_targets(model, every))
-    vo = SpraConfig(target_modules=VO_TARGETS[task], lora_rank=None, density=1.0, trainable_modules=head)
-    numel = sum(model.get_submodule(n).weight.numel() for n in select_targets(model, vo))
+    where = VO_TARGETS[task] if targets == "vo" else "all-linear"
+    spread = SpraConfig(target_modules=where, lora_rank=None, density=1.0, trainable_modules=head)
+    numel = sum(model.get_submodule(n).weight.numel() for n in select_targets(model, spread))
     if total_k > numel:
-        raise ValueError(f"--targets vo cannot hold rank {rank}'s total budget ({total_k:,} > {numel:,} entries)")
-    return SpraConfig(target_modules=VO_TARGETS[task], lora_rank=None, density=total_k / numel, seed=seed,
+        raise ValueError(f"--targets {targets} cannot hold rank {rank}'s total budget ({total_k:,} > {numel:,} "
+                         "entries)")
+    return SpraConfig(target_modules=where, lora_rank=None, density=total_k / numel, seed=seed,
                       trainable_modules=head)
 
 
-def prepare(model: nn.Module, *, task: str, method: str, rank: int | None, targets: str, seed: int) -> nn.Module:
+def prepare(model: nn.Module, *, task: str, method: str, rank: int | None, targets: str, seed: int,
+            alloc: str = "rank") -> nn.Module:
     """The model as ``method`` trains it: adapters injected, everything else frozen (full: nothing frozen)."""
     head = [HEAD] if task == "cls" else None
     match method:
         case "spra":
-            return apply_spra(model, spra_config(model, task=task, rank=rank, targets=targets, seed=seed))
+            return apply_spra(model, spra_config(model, task=task, rank=rank, targets=targets, seed=seed,
+                                                 alloc=alloc))
         case "lora" | "shira":
             from peft import LoraConfig, ShiraConfig, get_peft_model
 
@@ -136,26 +143,27 @@ def run(a: argparse.Namespace) -> dict:
     built = build_model(ModelConfig(source=source, task=task, num_labels=2), seed=a.seed)  # seeds the head
     splits = load_data(a, built.codec)
     train_set, val_set, test_set = carve(splits, train=a.train, val=a.val, test=a.test)
-    model = prepare(built.model, task=a.task, method=a.method, rank=a.rank, targets=a.targets, seed=a.seed)
+    model = prepare(built.model, task=a.task, method=a.method, rank=a.rank, targets=a.targets, seed=a.seed,
+                    alloc=a.alloc)
     groups = param_groups(model, method=a.method, lr=a.lr)
     head_ids = {id(p) for n, p in model.named_parameters() if HEAD in n.split(".")}
     trainable = sum(p.numel() for g in groups for p in g["params"])
     head_lr = next((g["lr"] for g in groups if any(id(p) in head_ids for p in g["params"])), None)  # peak rate
     start = time.perf_counter()
     losses = train(model, groups, train_set, steps=a.steps, batch=a.batch, warmup=a.warmup, seed=a.seed,
-                   pad_id=built.codec.pad_id)
+                   pad_id=built.codec.pad_id, weight_decay=a.weight_decay)
     train_s = time.perf_counter() - start
     pad, size = built.codec.pad_id, 128 if a.task == "cls" else 16
     val = evaluate(model, val_set, task=task, pad_id=pad, batch_size=size)
-    test = evaluate(model, test_set, task=task, pad_id=pad, batch_size=size)
-    if a.task == "sft" and a.generate:
+    test = None if a.no_test else evaluate(model, test_set, task=task, pad_id=pad, batch_size=size)
+    if test is not None and a.task == "sft" and a.generate:
         scores, _ = generate_eval(model, test_set, codec=built.codec, n=a.generate, max_new_tokens=16,
                                   end_of_turn=splits.end_of_turn)
         test.update(scores, generated=min(a.generate, len(test_set)))
     return {"task": a.task, "method": a.method, "rank": a.rank, "targets": a.targets, "lr": a.lr, "seed": a.seed,
-            "head_lr": head_lr, "trainable": trainable,
+            "head_lr": head_lr, "warmup": a.warmup, "weight_decay": a.weight_decay, "alloc": a.alloc, "trainable": trainable,
             "adapted": sum(p.numel() for g in groups for p in g["params"] if id(p) not in head_ids),
-            "sizes": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
+            "sizes": {"train": len(train_set), "val": len(val_set), "test": 0 if test is None else len(test_set)},
             "val": val, "test": test, "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
             "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
             "threads": torch.get_num_threads(), "pid": os.getpid()}
@@ -169,7 +177,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rank", type=int, help="LoRA-equivalent budget (spra, lora, shira)")
     ap.add_argument("--targets", choices=("all", "vo"), default="all",
                     help="all linears, or attention V and O only (spra: the same total k as all linears)")
+    ap.add_argument("--alloc", choices=("rank", "density"), default="rank",
+                    help="spra: k = r·(n_in + n_out) per matrix, or the same total k at one density over all")
     ap.add_argument("--lr", type=float, required=True, help="peak learning rate of the method's parameters")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--batch", type=int, required=True)
@@ -178,11 +189,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train", type=int, required=True, help="training examples (the first of the train split)")
     ap.add_argument("--val", type=int, required=True, help="validation examples (the next ones)")
     ap.add_argument("--test", type=int, help="test examples (default: the whole held-out split)")
+    ap.add_argument("--no-test", action="store_true", help="never evaluate on test (the study's probes)")
     ap.add_argument("--generate", type=int, default=0, help="sft: greedy answers scored on this many test prompts")
     ap.add_argument("--data-dir", type=Path, default=DATES, help="sft: where the date chats are written")
     a = ap.parse_args(argv)
     if a.method in ("spra", "lora", "shira") and a.rank is None:
         ap.error(f"--method {a.method} needs --rank")
+    if a.alloc != "rank" and a.method != "spra":
+        ap.error("--alloc density spreads SpaRA's total k; it needs --method spra")
     if a.targets == "vo" and a.method != "spra":
         ap.error("--targets vo is the placement arm of --method spra (the total k of all linears on V/O)")
     if a.task == "sft" and a.method == "head":

@@ -35,7 +35,7 @@ def pm(values: list[float], *, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def metric(row: dict, split: str, key: str) -> list[float]:
-    return [r[split][key] for r in row["final"] if key in r[split]]
+    return [r[split][key] for r in row["final"] if r[split] and key in r[split]]  # a probe has no test
 
 
 def wall(rows: list[dict]) -> str:
@@ -148,6 +148,29 @@ def verdict_ppl(a: dict, b: dict) -> str:
             f"within {100 * TARGET_PPL:g}%){em_text}.")
 
 
+PROBE_TEXT = {"--warmup": "warmup {} steps (study: {})", "--weight-decay": "AdamW weight decay {} (study: 0)",
+              "--alloc": "budget: the same total k at one {} over all linears (study: r·(n_in + n_out) per matrix)"}
+
+
+def probe_change(arm, warmup: int) -> str:
+    flag, value = arm.change
+    return PROBE_TEXT[flag].format(value, warmup)
+
+
+def probe_table(probes: list[dict], base: dict, lora: dict, warmup: int) -> list[str]:
+    """Validation accuracy per probe against SpaRA r=4 as studied and LoRA r=4 (their seeds at the chosen rate)."""
+    ref = metric(base, "val", "accuracy")
+    lines = ["| run | change | val accuracy % | val loss | − SpaRA r=4 (points) | wall s / cell |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, row, change in [("SpaRA r=4 as studied", base, "–"), ("LoRA r=4 as studied", lora, "–"),
+                              *[(row["arm"].name, row, probe_change(row["arm"], warmup)) for row in probes]]:
+        acc = metric(row, "val", "accuracy")
+        diff = f"{100 * (statistics.fmean(acc) - statistics.fmean(ref)):+.2f}" if acc and ref else "–"
+        lines.append(f"| {name} | {change} | {pm(acc, scale=100)} | {pm(metric(row, 'val', 'eval_loss'), digits=3)}"
+                     f" | {diff} | {pm([r['wall_s'] for r in row['final']], digits=0)} |")
+    return lines + [""]
+
+
 def protocol(scales: dict, records: list[dict], extend: int) -> list[str]:
     c, s = scales["cls"], scales["sft"]
     head = sorted({r["head_lr"] for r in records if r["task"] == "cls" and r["method"] != "head"})
@@ -183,6 +206,7 @@ def protocol(scales: dict, records: list[dict], extend: int) -> list[str]:
 def write(rows: list[dict], scales: dict, *, out: Path) -> None:
     """quality.md and quality.png in ``out``."""
     cls = [r for r in rows if r["arm"].part == "methods"]
+    probes = [r for r in rows if r["arm"].part == "probe"]
     by = {(r["arm"].task, r["arm"].name): r for r in rows}
     placement = [r for r in rows if r["arm"].part == "placement"] + [by[("cls", "spra_r8")]]
     sft = [r for r in rows if r["arm"].part == "sft"]
@@ -209,7 +233,8 @@ def write(rows: list[dict], scales: dict, *, out: Path) -> None:
                                     "SHiRA", target=False))
     lines += ["", example_command(cls), "", "![test accuracy against trainable parameters](quality.png)", "",
               "## Learning-rate selection (validation, seed 0)", "",
-              "Each cell shows the rate → validation accuracy / loss; the chosen rate is bold.", "", *lr_table(rows),
+              "Each cell shows the rate → validation accuracy / loss; the chosen rate is bold.", "",
+              *lr_table([r for r in rows if r["arm"].part != "probe"]),
               "## Placement: attention V/O only against all linears, equal k", "",
               "Command: `python -m bench.quality --only cls/spra_vo_r8,cls/spra_r8`. "
               f"Wall time: {wall(placement[:1])} (all linears: in the table above).",
@@ -220,8 +245,15 @@ def write(rows: list[dict], scales: dict, *, out: Path) -> None:
     if len(sft) == 2:
         lines.append(verdict_ppl(sft[0], sft[1]))
     lines += ["", example_command(sft), ""]
+    if probes and ("cls", "spra_r4") in by and ("cls", "lora_r4") in by:
+        lines += ["## Probes: why SpaRA r=4 trails LoRA r=4 (validation only)", "",
+                  f"One setting changed at a time from SpaRA r=4 at rate {probes[0]['arm'].lrs[0]:g} (its rate chosen "
+                  "on validation), each with the same seeds as the study; scored on validation alone, the test split "
+                  "is never evaluated (`--no-test`). Command: `python -m bench.quality --only 'cls/spra_r4_*'`. "
+                  f"Wall time: {wall(probes)}.", "",
+                  *probe_table(probes, by[("cls", "spra_r4")], by[("cls", "lora_r4")], scales["cls"].warmup)]
     (out / "quality.md").write_text("\n".join(lines), encoding="utf-8")
-    chart([r for r in rows if r["arm"].task == "cls"], sft, out / "quality.png")
+    chart([r for r in rows if r["arm"].task == "cls" and r["arm"].part != "probe"], sft, out / "quality.png")
 
 
 def chart(cls: list[dict], sft: list[dict], path: Path) -> None:

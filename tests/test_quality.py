@@ -145,3 +145,47 @@ def test_sft_cell_trains_and_scores_greedy_answers(tmp_path):
     assert out["trainable"] == out["adapted"] == 2_442_240  # SmolLM2-135M, 210 linears at the r=8 budget
     assert out["sizes"] == {"train": 8, "val": 2, "test": 2} and out["head_lr"] is None
     assert out["val"]["eval_loss"] > 0 and out["test"]["generated"] == 1 and 0 <= out["test"]["exact_match"] <= 1
+
+
+def test_density_allocation_spreads_the_same_total_k_over_all_linears():
+    model = prepare(build_model(ModelConfig(source="minilm", task="classification"), seed=0).model, task="cls",
+                    method="spra", rank=8, targets="all", seed=0, alloc="density")
+    ks = {name: m.spra_values.numel() for name, m in spra_modules(model)}
+    sizes = {name: m.weight.numel() for name, m in spra_modules(model)}
+    assert len(ks) == 37 and abs(sum(ks.values()) - MINILM_R8) <= 37  # one density, each k rounded
+    density = MINILM_R8 / sum(sizes.values())
+    assert all(abs(ks[n] - density * sizes[n]) <= 1 for n in ks)
+    assert ks["bert.encoder.layer.0.intermediate.dense"] > 8 * (384 + 1536)  # FFN gains what attention gives up
+    assert ks["bert.encoder.layer.0.attention.self.query"] < 8 * (384 + 384)
+
+
+def probe_row(arm: quality.Arm, accs: list[float]) -> list[dict]:
+    return [{**fake(arm, quality.PROBE_LR, s, a), "test": None, "wall_s": 1.0} for s, a in enumerate(accs)]
+
+
+def test_probes_change_one_setting_score_on_validation_only_and_are_reported(tmp_path):
+    probe = next(a for a in quality.ARMS if a.name == "spra_r4_warmup0")
+    cmd = quality.command(probe, quality.FULL["cls"], quality.PROBE_LR, 1)
+    a = parse(cmd[3:])  # the scale's --warmup 8 comes first; the probe's --warmup 0 overrides it
+    assert (a.warmup, a.no_test, a.rank, a.lr, a.seed) == (0, True, 4, quality.PROBE_LR, 1)
+    assert all(arm.part != "probe" or arm.change for arm in quality.ARMS)
+
+    out = run(parse(["--task", "cls", "--method", "spra", "--rank", "4", "--lr", "0.003", "--steps", "1", "--batch",
+                     "4", "--warmup", "0", "--max-length", "16", "--train", "8", "--val", "4", "--test", "4",
+                     "--weight-decay", "0.1", "--alloc", "density", "--no-test"]))
+    assert out["test"] is None and out["sizes"]["test"] == 0 and 0 <= out["val"]["accuracy"] <= 1
+    assert (out["warmup"], out["weight_decay"], out["alloc"]) == (0, 0.1, "density")
+
+    base, lora = (next(a for a in quality.ARMS if a.name == n) for n in ("spra_r4", "lora_r4"))
+    records = [{**fake(base, 3e-3, s, acc), "test": {"accuracy": 0.8, "eval_loss": 0.5}, "wall_s": 1.0}
+               for s, acc in enumerate((0.76, 0.78, 0.77))] + [fake(base, lr, 0, 0.7) for lr in (1e-3, 1e-2)]
+    records += [{**fake(lora, 3e-3, s, acc), "test": {"accuracy": 0.81, "eval_loss": 0.5}, "wall_s": 1.0}
+                for s, acc in enumerate((0.79, 0.79, 0.79))] + [fake(lora, lr, 0, 0.7) for lr in (1e-3, 1e-2)]
+    records += probe_row(probe, [0.80, 0.79, 0.78])
+    arms = [base, lora, probe]
+    rows = quality.rows(arms, quality.FULL, records)
+    assert rows[2]["chosen"] == quality.PROBE_LR and len(rows[2]["final"]) == 3
+    by = {r["arm"].name: r for r in rows}
+    md = "\n".join(quality_report.probe_table([by["spra_r4_warmup0"]], by["spra_r4"], by["lora_r4"], 8))
+    assert "| spra_r4_warmup0 | warmup 0 steps (study: 8) | 79.0 ± 1.0 (n=3) |" in md and "| +2.00 |" in md
+    assert "| LoRA r=4 as studied | – | 79.0 ± 0.0 (n=3) |" in md
