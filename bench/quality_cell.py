@@ -161,7 +161,8 @@ def run(a: argparse.Namespace) -> dict:
                                   end_of_turn=splits.end_of_turn)
         test.update(scores, generated=min(a.generate, len(test_set)))
     return {"task": a.task, "method": a.method, "rank": a.rank, "targets": a.targets, "lr": a.lr, "seed": a.seed,
-            "head_lr": head_lr, "warmup": a.warmup, "weight_decay": a.weight_decay, "alloc": a.alloc, "trainable": trainable,
+            "head_lr": head_lr, "warmup": a.warmup, "weight_decay": a.weight_decay, "alloc": a.alloc,
+            "trainable": trainable,
             "adapted": sum(p.numel() for g in groups for p in g["params"] if id(p) not in head_ids),
             "sizes": {"train": len(train_set), "val": len(val_set), "test": 0 if test is None else len(test_set)},
             "val": val, "test": test, "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
