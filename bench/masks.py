@@ -14,7 +14,10 @@ import subprocess
 import sys
 import time
 
-from spra_dist.masks import budget, sample_indices
+import torch
+
+from spra_dist.layer import mask_buffers
+from spra_dist.masks import budget
 
 # (hidden, intermediate, layers, key/value width) of each model's linears.
 SHAPES = {"llama2-7b": (4096, 11008, 32, 4096), "llama3-8b": (4096, 14336, 32, 1024),
@@ -33,16 +36,17 @@ def linears(model: str) -> list[tuple[str, tuple[int, int]]]:
 
 
 def rebuild(model: str, budget_name: str) -> dict:
-    """Rebuild and keep every mask (a model holds them as buffers), on one core."""
+    """Rebuild and keep every mask as a layer holds it (int32 indices and CSR row pointers), on one core."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)  # two threads on one core would spin against each other in every parallel op
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    kept = [sample_indices(0, key, s[0] * s[1], budget(s, **BUDGETS[budget_name])) for key, s in linears(model)]
+    kept = [mask_buffers(key, s, ((0, budget(s, **BUDGETS[budget_name])),)) for key, s in linears(model)]
     seconds = time.perf_counter() - start
-    total_k = sum(t.numel() for t in kept)
+    total_k = sum(idx.numel() for idx, _ in kept)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": model, "budget": budget_name, "matrices": len(kept), "total_k": total_k, "seconds": seconds,
-            "kept_bytes": 8 * total_k, "peak_rss_growth": peak - rss0}
+            "kept_bytes": sum(t.nbytes for pair in kept for t in pair), "peak_rss_growth": peak - rss0}
 
 
 def measure(log=print) -> list[dict]:

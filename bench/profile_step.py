@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.sddmm_parts import median_ms
-from spra_dist.kernels import MergedWeight, csr_structure
+from spra_dist.kernels import MergedWeight, csr_structure, index_dtype
 from spra_dist.kernels.cpu_sddmm import _load as load_cpu_kernel
 from spra_dist.kernels.sddmm import sampled_matmul_t
 from spra_dist.masks import budget, sample_indices
@@ -49,7 +49,7 @@ COLUMNS = ["frozen", "merge/restore", "CSR build", "copies", "dtype casts", "ker
 def profile_shape(out: int, inp: int, *, tokens: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     k = budget((out, inp), lora_rank=8, density=None)
-    idx = sample_indices(0, "w", out * inp, k)
+    idx = sample_indices(0, "w", out * inp, k).to(index_dtype(out * inp))  # as a layer holds it
     w = torch.randn(out, inp, dtype=dtype) * 0.02
     values = torch.zeros(k)
     x, dy = torch.randn(tokens, inp, dtype=dtype), torch.randn(tokens, out, dtype=dtype)
@@ -68,10 +68,10 @@ def profile_shape(out: int, inp: int, *, tokens: int, dtype: torch.dtype, repeat
         "copies": median_ms(lambda: (dy.t().float().contiguous(), x.t().float().contiguous()), repeats),
         "dtype casts": (median_ms(lambda: (dy.float(), x.float()), repeats) if dtype != torch.float32 else 0.0),
         "kernel": median_ms(lambda: torch.sparse.sampled_addmm(mask, dyt, xt.t(), beta=0.0), repeats),
-        "as called": median_ms(lambda: sampled_matmul_t(dy, x, idx, inp, csr=(crow, cols)), repeats),
+        "as called": median_ms(lambda: sampled_matmul_t(dy, x, idx, inp, crow=crow), repeats),
     }
     module = load_cpu_kernel()
-    row["C++ token-major"] = (median_ms(lambda: module.sddmm_token_major(dy, x, crow, cols, 32), repeats)
+    row["C++ token-major"] = (median_ms(lambda: module.sddmm_token_major(dy, x, crow.long(), cols, 32), repeats)
                               if module is not None else float("nan"))
     return row
 

@@ -265,7 +265,7 @@ def merge_sharded(m: nn.Module) -> None:
         with deepspeed.zero.GatheredParameters([m.weight, m.spra_values], modifier_rank=0):
             m.merge()
         return
-    from spra_dist.kernels import merged_entries
+    from spra_dist.kernels import merged_entries, put
 
     local = m.weight.to_local().view(-1)
     n_rows, n_cols = m.weight_shape
@@ -275,5 +275,5 @@ def merge_sharded(m: nn.Module) -> None:
     idx = m.spra_indices
     mine = (idx >= lo) & (idx < lo + local.numel())
     pos = idx[mine] - lo
-    local.index_copy_(0, pos, merged_entries(local[pos], values[mine].to(local.device)))
+    put(local, pos, merged_entries(local[pos], values[mine].to(local.device)))
     m.merged = True

@@ -11,7 +11,9 @@ live in ``spra_dist.kernels`` (custom ops, so ``torch.autocast`` and ``torch.com
 
 The module keeps the base layer's ``weight`` and ``bias`` names, so base checkpoints load unchanged and every
 engine's hooks (FSDP2, ZeRO-3) see and gather the module's own parameters. ``spra_indices`` is a
-non-persistent buffer: it is rebuilt from the seed, never saved.
+non-persistent buffer: it is rebuilt from the seed, never saved, and held in int32 for any matrix of fewer than
+2³¹ entries (``index_dtype``): with the mask's row pointers it is the module's only per-value state besides the
+values, 4 bytes a value (the CSR column indices are derived from it in the backward).
 
 A module holds one adapter at a time (``spra_dist.adapters`` keeps the others' values and switches them in):
 its mask is the union of one or more seeded parts ``(seed, k)`` — one for a trained adapter, several for a
@@ -26,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from spra_dist.kernels import csr_structure, merged_entries, plain_linear, spra_linear
+from spra_dist.kernels import index_dtype, merged_entries, plain_linear, put, row_pointers, spra_linear
 from spra_dist.masks import sample_indices
 
 Parts = tuple[tuple[int, int], ...]
@@ -48,6 +50,13 @@ def union_mask(key: str, shape: tuple[int, int], parts: Parts) -> torch.Tensor:
     if len(masks) == 1:
         return masks[0]
     return torch.unique(torch.cat(masks)) if masks else torch.empty(0, dtype=torch.long)
+
+
+def mask_buffers(key: str, shape: tuple[int, int], parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a layer keeps of its mask, on the CPU: the sorted flat indices in ``index_dtype`` (int32 below 2³¹
+    entries) and their CSR row pointers (``shape[0] + 1`` of them)."""
+    mask = union_mask(key, shape, parts).to(index_dtype(shape[0] * shape[1]))
+    return mask, row_pointers(mask, *shape)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -81,10 +90,10 @@ class SpraLinear(nn.Module):
         # value_dtype: fp32 master values on a bf16 / fp16 weight (the merged forward adds in fp32, rounds once)
         self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
                                                     device=self.weight.device))
-        self.register_buffer("spra_indices", torch.empty(0, dtype=torch.long), persistent=False)
-        # The mask's CSR structure (row pointers, column indices) for the values' gradient, built with the mask.
-        self.register_buffer("spra_crow", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("spra_cols", torch.empty(0, dtype=torch.long), persistent=False)
+        dtype = index_dtype(self.weight.numel())
+        self.register_buffer("spra_indices", torch.empty(0, dtype=dtype), persistent=False)
+        # The mask's CSR row pointers for the values' gradient, built with the mask (n_rows + 1 entries).
+        self.register_buffer("spra_crow", torch.empty(0, dtype=dtype), persistent=False)
         self.register_buffer("_spra_originals", None, persistent=False)
         self.rebuild_indices()
 
@@ -105,8 +114,8 @@ class SpraLinear(nn.Module):
         self.mask_parts = tuple((int(s), int(k)) for s, k in parts)
         if values is None:
             self.k, self.seed = 0, None
-            empty = torch.empty(0, dtype=torch.long, device=self.weight.device)
-            self.spra_indices, self.spra_crow, self.spra_cols = empty, empty, empty
+            empty = torch.empty(0, dtype=index_dtype(self.weight.numel()), device=self.weight.device)
+            self.spra_indices, self.spra_crow = empty, empty
             return
         self.seed = self.mask_parts[0][0]
         self.rebuild_indices()
@@ -117,9 +126,8 @@ class SpraLinear(nn.Module):
         """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
         device = self.weight.device
         target = "meta" if device.type == "meta" else device
-        mask = self.mask()
-        crow, cols = csr_structure(mask, self.weight_shape[0], self.weight_shape[1])
-        self.spra_indices, self.spra_crow, self.spra_cols = mask.to(target), crow.to(target), cols.to(target)
+        mask, crow = mask_buffers(self.spra_key, self.weight_shape, self.mask_parts)
+        self.spra_indices, self.spra_crow = mask.to(target), crow.to(target)
 
     @torch.no_grad()
     def reset_spra_parameters(self) -> None:
@@ -131,7 +139,7 @@ class SpraLinear(nn.Module):
         if self.merged or self.spra_values is None:
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
         return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed,
-                           csr=(self.spra_crow, self.spra_cols))
+                           crow=self.spra_crow)
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense delta (for inspection and tests; training never builds it)."""
@@ -146,16 +154,15 @@ class SpraLinear(nn.Module):
         """Fold the delta into ``weight``; ``unmerge`` restores the original entries exactly."""
         if self.merged or self.spra_values is None:
             return
-        self._spra_originals = self.weight.view(-1)[self.spra_indices].clone()
-        merged = merged_entries(self._spra_originals, self.spra_values)
-        self.weight.view(-1).index_copy_(0, self.spra_indices, merged)
+        self._spra_originals = self.weight.view(-1).index_select(0, self.spra_indices)
+        put(self.weight.view(-1), self.spra_indices, merged_entries(self._spra_originals, self.spra_values))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.weight.view(-1).index_copy_(0, self.spra_indices, self._spra_originals)
+        put(self.weight.view(-1), self.spra_indices, self._spra_originals)
         self._spra_originals = None
         self.merged = False
 

@@ -103,14 +103,15 @@ def test_zero_values_equal_base():
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 7, 300, 48 * 40])  # one entry, rows left empty, typical, every entry
-def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k):
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])  # a layer's indices, and those of a ≥ 2³¹ matrix
+def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k, index):
     from spra_dist.kernels import sampled_gather, sampled_weight_grad
     from spra_dist.masks import sample_indices
 
     torch.manual_seed(3)
     n_in, n_out, tokens = 40, 48, 33
     shape = (n_in, n_out) if transposed else (n_out, n_in)
-    idx = sample_indices(1, "kernel", n_in * n_out, k)
+    idx = sample_indices(1, "kernel", n_in * n_out, k).to(index)
     x, dy = torch.randn(tokens, n_in, dtype=dtype), torch.randn(tokens, n_out, dtype=dtype)
     dense = x.double().t() @ dy.double() if transposed else dy.double().t() @ x.double()
     expected = dense.view(-1)[idx]
@@ -121,6 +122,23 @@ def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k):
     for out in (got, fallback):
         assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
+
+
+def test_indices_are_int32_with_cached_row_pointers_only():
+    """4 bytes a value of mask state (the indices), the row pointers beside them; int64 only from 2³¹ entries."""
+    from spra_dist.kernels import MergedWeight, index_dtype, row_pointers
+
+    layer = make_layer("linear", True)
+    assert layer.spra_indices.dtype == layer.spra_crow.dtype == torch.int32 and layer.spra_crow.numel() == 17
+    assert torch.equal(layer.spra_indices.long(), layer.mask()) and not hasattr(layer, "spra_cols")
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+    idx = layer.mask()  # int64 row pointers agree with int32 ones, and the merge takes either
+    assert torch.equal(row_pointers(idx, 16, 24), layer.spra_crow.long())
+    before = layer.weight.detach().clone()
+    for indices in (idx, layer.spra_indices):
+        with MergedWeight(layer.weight.data, indices, layer.spra_values.detach()):
+            torch.testing.assert_close(layer.weight - before, layer.get_delta_weight(), rtol=0, atol=1e-12)
+        assert torch.equal(layer.weight, before)
 
 
 def autocast_reference(layer: SpraLinear, x: torch.Tensor, device: str, dtype: torch.dtype):
@@ -230,9 +248,9 @@ def test_custom_ops_pass_opcheck():
     for kind in ("linear", "conv1d"):
         layer = make_layer(kind, True, dtype=torch.float32)
         x = torch.randn(3, 24, requires_grad=True)
-        for csr in ((layer.spra_crow, layer.spra_cols), (None, None)):  # cached by the layer, or built in backward
+        for crow in (layer.spra_crow, None):  # cached by the layer, or built in the backward
             result = torch.library.opcheck(linear_op, (x, layer.weight, layer.bias, layer.spra_values,
-                                                       layer.spra_indices, *csr, layer.transposed))
+                                                       layer.spra_indices, crow, layer.transposed))
             assert set(result.values()) == {"SUCCESS"}, result
 
 
@@ -293,7 +311,7 @@ def test_cpu_token_major_kernel_matches_dense_float64(dtype, shape):
     dy, x = torch.randn(75, out, generator=g).to(dtype), torch.randn(75, inp, generator=g).to(dtype)
     idx = sample_indices(3, "w", out * inp, max(1, out * inp // 9))
     crow, cols = csr_structure(idx, out, inp)
-    got = module.sddmm_token_major(dy, x, crow, cols, 32)
+    got = module.sddmm_token_major(dy, x, crow.long(), cols.int(), 32)
     want = (dy.double().t() @ x.double()).view(-1)[idx]
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     scale = (dy.double().abs().t() @ x.double().abs()).view(-1)[idx]  # Σ|a·b|: the sum's rounding scale

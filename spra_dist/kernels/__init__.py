@@ -5,9 +5,17 @@ custom ops (``spra_dist::linear``, ``spra_dist::input_grad``, ``spra_dist::value
 ``torch.autocast`` and ``torch.compile`` all see the same opaque, differentiable op.
 """
 
-from spra_dist.kernels.merge import MergedWeight, merged_entries
+from spra_dist.kernels.merge import MergedWeight, merged_entries, put
 from spra_dist.kernels.ops import plain_linear, spra_linear
-from spra_dist.kernels.sddmm import csr_structure, sampled_gather, sampled_matmul_t, sampled_weight_grad
+from spra_dist.kernels.sddmm import (
+                                     column_indices,
+                                     csr_structure,
+                                     index_dtype,
+                                     row_pointers,
+                                     sampled_gather,
+                                     sampled_matmul_t,
+                                     sampled_weight_grad,
+)
 
-__all__ = ["MergedWeight", "csr_structure", "merged_entries", "plain_linear", "sampled_gather", "sampled_matmul_t",
-           "sampled_weight_grad", "spra_linear"]
+__all__ = ["MergedWeight", "column_indices", "csr_structure", "index_dtype", "merged_entries", "plain_linear", "put",
+           "row_pointers", "sampled_gather", "sampled_matmul_t", "sampled_weight_grad", "spra_linear"]

@@ -44,7 +44,7 @@ static void transpose_tile(const scalar_t* src, int64_t ld, int64_t tb, int64_t 
 
 template <typename scalar_t, typename acc_t>
 static void sddmm_tiles(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, int64_t T, int64_t m,
-                        int64_t n, const int64_t* crow, const int64_t* cols, int64_t k, int64_t tile,
+                        int64_t n, const int64_t* crow, const int32_t* cols, int64_t k, int64_t tile,
                         acc_t* out) {
   const int64_t n_tiles = (T + tile - 1) / tile;
   const int64_t n_chunks = std::min<int64_t>(at::get_num_threads(), n_tiles);
@@ -84,7 +84,7 @@ torch::Tensor sddmm_token_major(torch::Tensor a, torch::Tensor b, torch::Tensor 
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "a (T, m) and b (T, n) expected");
   TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1, "token-major operands expected (unit feature stride)");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b must share a dtype");
-  TORCH_CHECK(crow.scalar_type() == at::kLong && cols.scalar_type() == at::kLong, "int64 crow / cols expected");
+  TORCH_CHECK(crow.scalar_type() == at::kLong && cols.scalar_type() == at::kInt, "int64 crow, int32 cols expected");
   TORCH_CHECK(crow.numel() == a.size(1) + 1, "crow must have m + 1 entries");
   const auto acc_type = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = torch::empty({cols.numel()}, a.options().dtype(acc_type));
@@ -92,7 +92,7 @@ torch::Tensor sddmm_token_major(torch::Tensor a, torch::Tensor b, torch::Tensor 
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     sddmm_tiles<scalar_t, acc_t>(a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(), b.stride(0),
                                  a.size(0), a.size(1), b.size(1), crow.data_ptr<int64_t>(),
-                                 cols.data_ptr<int64_t>(), cols.numel(), tile, out.data_ptr<acc_t>());
+                                 cols.data_ptr<int32_t>(), cols.numel(), tile, out.data_ptr<acc_t>());
   });
   return out;
 }
@@ -140,7 +140,8 @@ def cpu_sampled_matmul_t(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor,
     module = _load()
     if module is None:
         return None
-    return module.sddmm_token_major(a.contiguous(), b.contiguous(), crow, cols, TILE)
+    # Row pointers as int64 (n_rows + 1 of them), columns as int32 (each < n, so always fits).
+    return module.sddmm_token_major(a.contiguous(), b.contiguous(), crow.long(), cols.int(), TILE)
 
 
 def build() -> bool:

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def put(flat: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
+    """``flat[indices] = entries`` for unique int32 or int64 ``indices`` (``index_copy_`` takes int64 only)."""
+    if indices.dtype == torch.int64:
+        flat.index_copy_(0, indices, entries)
+    else:
+        flat.index_put_((indices,), entries)
+
+
 def merged_entries(originals: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``originals + values`` added in at least fp32, rounded once to the weight's dtype."""
     acc = torch.promote_types(originals.dtype, torch.float32)
@@ -22,8 +30,8 @@ class MergedWeight:
         self.flat, self.indices, self.values = weight.view(-1), indices, values
 
     def __enter__(self) -> None:
-        self.saved = self.flat[self.indices]
-        self.flat.index_copy_(0, self.indices, merged_entries(self.saved, self.values))
+        self.saved = self.flat.index_select(0, self.indices)
+        put(self.flat, self.indices, merged_entries(self.saved, self.values))
 
     def __exit__(self, *exc) -> None:
-        self.flat.index_copy_(0, self.indices, self.saved)
+        put(self.flat, self.indices, self.saved)

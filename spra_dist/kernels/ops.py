@@ -36,7 +36,7 @@ def _out_features(weight: Tensor, transposed: bool) -> int:
 
 @torch.library.custom_op("spra_dist::linear", mutates_args=())
 def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, indices: Tensor,  # noqa: UP045
-              crow: Optional[Tensor], cols: Optional[Tensor], transposed: bool) -> Tensor:  # noqa: UP045
+              crow: Optional[Tensor], transposed: bool) -> Tensor:  # noqa: UP045
     """``x @ (W + δ)ᵀ + b`` in ``x``'s dtype (the merged weight and the bias are cast to it when they differ)."""
     with torch.autocast(x.device.type, enabled=False), MergedWeight(weight, indices, values):
         w = weight.to(x.dtype)  # the merged weight itself when the dtypes agree: used inside the block only
@@ -55,7 +55,7 @@ def plain_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, transposed: 
 
 
 @linear_op.register_fake
-def _linear_fake(x, weight, bias, values, indices, crow, cols, transposed):
+def _linear_fake(x, weight, bias, values, indices, crow, transposed):
     return x.new_empty((*x.shape[:-1], _out_features(weight, transposed)))
 
 
@@ -77,28 +77,27 @@ def _input_grad_fake(grad_out, weight, values, indices, transposed):
 
 @torch.library.custom_op("spra_dist::values_grad", mutates_args=())
 def values_grad_op(x: Tensor, grad_out: Tensor, indices: Tensor, crow: Optional[Tensor],  # noqa: UP045
-                   cols: Optional[Tensor], transposed: bool, dtype: torch.dtype) -> Tensor:  # noqa: UP045
-    """The weight gradient at the k flat ``indices`` (SDDMM, summed in fp32), returned in ``dtype``. ``crow`` /
-    ``cols``: the mask's CSR structure when the layer cached it."""
+                   transposed: bool, dtype: torch.dtype) -> Tensor:
+    """The weight gradient at the k flat ``indices`` (SDDMM, summed in fp32), returned in ``dtype``. ``crow``:
+    the mask's CSR row pointers when the layer cached them."""
     x2d, dy2d = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-    csr = (crow, cols) if crow is not None and cols is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        return sampled_weight_grad(x2d, dy2d, indices, transposed=transposed, csr=csr, x=x).to(dtype)
+        return sampled_weight_grad(x2d, dy2d, indices, transposed=transposed, crow=crow, x=x).to(dtype)
 
 
 @values_grad_op.register_fake
-def _values_grad_fake(x, grad_out, indices, crow, cols, transposed, dtype):
+def _values_grad_fake(x, grad_out, indices, crow, transposed, dtype):
     return x.new_empty(indices.shape, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, values, indices, crow, cols, transposed = inputs
+    x, weight, bias, values, indices, crow, transposed = inputs
     # Only the activation goes through save_for_backward (so checkpointing and offloading hooks see it);
     # parameters and the mask stay on ctx, which also spares the weight a version check that the merge inside
     # a second call of a shared module would trip.
     ctx.save_for_backward(x)
     ctx.weight, ctx.values, ctx.indices, ctx.transposed = weight, values, indices, transposed
-    ctx.crow, ctx.cols = crow, cols
+    ctx.crow = crow
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -110,22 +109,22 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[2]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
     if ctx.needs_input_grad[3]:
-        grad_values = values_grad_op(x, grad_out, ctx.indices, ctx.crow, ctx.cols, ctx.transposed,
-                                     ctx.values.dtype)
-    return grad_x, None, grad_bias, grad_values, None, None, None, None
+        grad_values = values_grad_op(x, grad_out, ctx.indices, ctx.crow, ctx.transposed, ctx.values.dtype)
+    return grad_x, None, grad_bias, grad_values, None, None, None
 
 
 linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def spra_linear(x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, *,
-                transposed: bool, csr: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                transposed: bool, crow: Tensor | None = None) -> Tensor:
     """The adapted linear, differentiable in ``x``, ``bias`` and ``values``; what ``SpraLinear.forward`` calls.
 
     Under ``torch.autocast`` the output has the dtype autocast gives ``nn.Linear`` (the autocast dtype), the
     input gradient comes back in the input's dtype and ``values.grad`` in the values' own dtype (fp32 master
     values stay fp32). Outside autocast, ``x`` and ``weight`` must share a dtype, as ``nn.Linear`` requires.
-    ``csr``: the mask's (row pointers, column indices), cached by the layer; built in the backward when absent.
+    ``crow``: the mask's CSR row pointers, cached by the layer; built in the backward when absent. ``indices``
+    may be int32 (``index_dtype``).
     """
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.dtype in _AUTOCAST_ELIGIBLE:
@@ -135,5 +134,4 @@ def spra_linear(x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, 
     elif x.dtype != weight.dtype:
         raise ValueError(f"SpraLinear got a {x.dtype} input for a {weight.dtype} weight; cast the input (or the "
                          f"model) to one dtype, or run the forward under torch.autocast")
-    crow, cols = csr if csr is not None else (None, None)
-    return linear_op(x, weight, bias, values, indices, crow, cols, transposed)
+    return linear_op(x, weight, bias, values, indices, crow, transposed)
