@@ -4,9 +4,8 @@
 
 The model and the SpaRA settings come from configs/train/debug_tiny_llama.yaml; the path is the one users take in
 their own loop: ``apply_spra`` on the plain model, ``apply_fsdp2`` (bf16 compute, fp32 master values, fp32
-gradient reduction), AdamW over the sharded values, ``save_adapter`` gathering them. (``spra train`` joins a
-process group only for two processes or more, so a 1-process torchrun of it does not run FSDP2.) On a machine
-without CUDA the same script runs on gloo and the CPU, which is how the tests check it.
+gradient reduction), AdamW over the sharded values, ``save_adapter`` gathering them. On a machine without CUDA
+the same script runs on gloo and the CPU, which is how the tests check it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import datetime
 import errno
 import os
 import secrets
+import socket
 from collections.abc import Callable
 
 import torch
@@ -36,18 +37,26 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(*, backend: str | None = None, timeout_s: int = 600) -> tuple[int, int]:
+def init_distributed(*, backend: str | None = None, timeout_s: int = 600, group: bool = False) -> tuple[int, int]:
     """Join the group the launcher set up (no-op for a single process) and prove it is one group.
 
     A launcher misconfigured into unsynchronised processes (each believing it is alone) would otherwise
     train the same model N times without exchanging a gradient; here it fails loudly instead.
+
+    ``group``: have a process group even for one process, as the ddp / fsdp2 / deepspeed engines need: a
+    1-process torchrun joins its launcher's, a plain ``python`` or ``spra train`` starts one of its own on a free
+    local port.
     """
     expected = launched_world_size()
-    if expected > 1 and not dist.is_initialized():
+    if (expected > 1 or group) and not dist.is_initialized():
         backend = backend or default_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        launcher = expected > 1 or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+        alone = {} if launcher else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
+        if not launcher:
+            os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed insists on it
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **alone)
     rank, size = world()
     if size != expected:
         raise RuntimeError(
@@ -60,6 +69,13 @@ def init_distributed(*, backend: str | None = None, timeout_s: int = 600) -> tup
         if int(probe.item()) != size:
             raise RuntimeError(f"all_reduce over {size} ranks gave {probe.item()}: the group does not synchronise")
     return rank, size
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown() -> None:

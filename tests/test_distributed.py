@@ -42,17 +42,18 @@ def engine_args(engine: str, tmp_path: Path) -> list[str]:
     return [f"engine={engine}"]
 
 
-def run(out: Path, *args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(out: Path, *args: str, nproc: int = 1, timeout: int = 300, torchrun: bool = False
+        ) -> subprocess.CompletedProcess:
     cli = ["-m", "spra_dist", "train", "--config", DEBUG, f"output_dir={out}", *COMMON, *args]
-    if nproc > 1:
+    if nproc > 1 or torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
     else:
         cmd = [sys.executable, *cli]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 
-def run_ok(out: Path, *args: str, nproc: int = 1) -> dict:
-    proc = run(out, *args, nproc=nproc)
+def run_ok(out: Path, *args: str, nproc: int = 1, torchrun: bool = False) -> dict:
+    proc = run(out, *args, nproc=nproc, torchrun=torchrun)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == nproc
@@ -91,6 +92,17 @@ def test_two_ranks_match_one_process(engine, reference, tmp_path):
         assert all(abs(n - k_total) <= 64 for n in per_rank), per_rank
     if engine == "ddp":
         assert per_rank == [2 * k_total, 2 * k_total]
+
+
+@pytest.mark.parametrize("engine,torchrun", [("fsdp2", False), ("fsdp2", True), ("zero3", False)],
+                         ids=["fsdp2", "fsdp2-torchrun-1", "zero3"])  # ddp starts its group as fsdp2 does
+def test_one_process_runs_every_engine(engine, torchrun, reference, tmp_path):
+    """One GPU, or a config tried out before a launch: a plain process (or a 1-process torchrun) starts or joins
+    a group of one, and trains to the adapter of engine=none."""
+    out = tmp_path / engine
+    summary = run_ok(out, *engine_args(engine, tmp_path), torchrun=torchrun)
+    assert summary["engine"] == ("deepspeed" if engine.startswith("zero") else engine)
+    assert adapter_rel_diff(reference, out) < 1e-5
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])

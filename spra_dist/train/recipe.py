@@ -28,7 +28,7 @@ from spra_dist.comm import CommCounter, count_ddp
 from spra_dist.data.build import DataSplits, build_data
 from spra_dist.data.packing import check_packing
 from spra_dist.data.tokens import collate, global_batch, rank_slice, split_micro
-from spra_dist.distributed import init_distributed, on_rank0, shutdown, world
+from spra_dist.distributed import init_distributed, launched_world_size, on_rank0, shutdown, world
 from spra_dist.engines import (
     build_deepspeed_engine,
     build_torch_engine,
@@ -58,11 +58,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     when non-finite values end the run, and :class:`RankLost` naming the rank when another rank died or hung.
     """
     cfg.validate()
-    rank, world_size = init_distributed(timeout_s=cfg.dist_timeout_s)
+    engine_name = resolve_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, world_size=launched_world_size())
+    # ddp / fsdp2 / deepspeed need a process group, also for one process (a single GPU, a config tried out).
+    rank, world_size = init_distributed(timeout_s=cfg.dist_timeout_s, group=engine_name != "none")
     make_monitor_group(cfg.dist_timeout_s)
     try:
         with StepGuard(on_nonfinite=cfg.on_nonfinite, max_skips=cfg.max_nonfinite_skips) as guard:
-            summary = _train(cfg, rank, world_size, guard)
+            summary = _train(cfg, engine_name, rank, world_size, guard)
     except (Preempted, NonFiniteError, ValueError, OSError):
         shutdown()  # every rank raised at the same point: leave together
         raise
@@ -77,8 +79,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _train(cfg: TrainConfig, rank: int, world_size: int, guard: StepGuard) -> dict[str, Any]:
-    engine_name = resolve_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, world_size=world_size)
+def _train(cfg: TrainConfig, engine_name: str, rank: int, world_size: int, guard: StepGuard) -> dict[str, Any]:
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     check_batch_split(cfg.batch_size, cfg.grad_accum)
     counter = CommCounter.install() if cfg.comm_stats else None  # before DeepSpeed caches the collectives
