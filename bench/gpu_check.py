@@ -5,8 +5,9 @@ docs/benchmarks-gpu.md.
 
 Three parts, each in a process group of its own with a time limit (killed whole when it runs over; what it
 printed by then is kept):
-  tests  (150 s)  pytest tests/test_cuda.py tests/test_triton.py: the layer, the Triton SDDMM and a tiny Llama on CUDA
-  bench  (240 s)  python -m bench.gpu_bench: the values' gradient alone, then bf16 training steps of SmolLM2-135M
+  tests  (200 s)  pytest tests/test_cuda.py tests/test_triton.py: the layer, the Triton SDDMM, a tiny Llama and
+                  `spra train` (engine none and fsdp2, against the CPU run) on CUDA
+  bench  (200 s)  python -m bench.gpu_bench: the values' gradient alone, then bf16 training steps of SmolLM2-135M
                   shapes (30 layers) with SpaRA (Triton / sampled_addmm), PEFT LoRA, PEFT SHiRA and the floor
   fsdp2   (60 s)  torchrun --nproc_per_node 1 -m bench.fsdp2_smoke: FSDP2 over nccl on the debug tiny Llama
 A watchdog ends everything at 8 minutes. Without a CUDA device it prints one line saying so, writes nothing and
@@ -32,7 +33,7 @@ STARTED = time.monotonic()
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_S = 480
 REPORT_RESERVE_S = 10
-LIMITS = {"tests": 150, "bench": 240, "fsdp2": 60}
+LIMITS = {"tests": 200, "bench": 200, "fsdp2": 60}
 
 
 @dataclass

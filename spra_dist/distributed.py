@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spra_dist.devices import collective_device
 from spra_dist.masks import fingerprint as _fingerprint
 
 
@@ -64,7 +65,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: int = 600, group:
             f"processes are not one job. On CPU use launch/*.sh, which sets up gloo for every launcher"
         )
     if size > 1:
-        probe = torch.ones(1)
+        probe = torch.ones(1, device=collective_device())
         dist.all_reduce(probe)
         if int(probe.item()) != size:
             raise RuntimeError(f"all_reduce over {size} ranks gave {probe.item()}: the group does not synchronise")
@@ -154,7 +155,7 @@ def agree_seed(seed: int | None, *, group: dist.ProcessGroup | None = None) -> i
         return seed if seed is not None else secrets.randbits(62)
     rank = dist.get_rank(group)
     value = seed if seed is not None else (secrets.randbits(62) if rank == 0 else 0)
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
     dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return int(t.item())
 
@@ -178,8 +179,9 @@ def check_masks(model: nn.Module, *, requested=None, group: dist.ProcessGroup | 
     if not (dist.is_available() and dist.is_initialized()):
         return total
     size = dist.get_world_size(group)
-    gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    dist.all_gather(gathered, torch.tensor([total], dtype=torch.int64), group=group)
+    device = collective_device(group)
+    gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
+    dist.all_gather(gathered, torch.tensor([total], dtype=torch.int64, device=device), group=group)
     if all(int(g.item()) == total for g in gathered):
         return total
     # Every rank sees the same gathered list, so every rank takes this branch: no one is left waiting.

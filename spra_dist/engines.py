@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from spra_dist.devices import model_device, to_device
 from spra_dist.distributed import full_tensor, shard_like, world
 
 ENGINES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
@@ -77,6 +78,7 @@ class TorchEngine:
 
     def forward_backward(self, batch: dict, *, n_micro: int, last: bool) -> torch.Tensor:
         """Loss of one micro batch, its gradient accumulated; gradients cross the wire only on the last."""
+        batch = to_device(batch, model_device(self.model))
         if self.name == "fsdp2":
             self.model.set_requires_gradient_sync(last)
         sync = self.runner.no_sync() if self.name == "ddp" and not last else contextlib.nullcontext()
@@ -112,11 +114,11 @@ class TorchEngine:
         return norm
 
     def full_value(self, p: torch.Tensor) -> torch.Tensor:
-        return full_tensor(p).float()
+        return full_tensor(p).float().cpu()
 
     def full_optimizer_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.optimizer.state.get(p, {})
-        return {k: full_tensor(state[k]).float() if k in state else torch.zeros(p.shape) for k in ADAM_KEYS}
+        return {k: full_tensor(state[k]).float().cpu() if k in state else torch.zeros(p.shape) for k in ADAM_KEYS}
 
     def load_optimizer_state(self, p: torch.Tensor, states: dict[str, torch.Tensor], step: int) -> None:
         self.optimizer.state[p] = {"step": torch.tensor(float(step)),
@@ -150,7 +152,7 @@ class DeepSpeedEngine:
     def forward_backward(self, batch: dict, *, n_micro: int, last: bool) -> torch.Tensor:
         # DeepSpeed divides by gradient_accumulation_steps itself, reduces at the accumulation boundary and
         # steps the optimizer there, so its step() belongs after every micro batch.
-        loss = self.ds(**batch).loss
+        loss = self.ds(**to_device(batch, self.ds.device)).loss
         self.ds.backward(loss)
         self.ds.step()
         return loss.detach()
@@ -163,7 +165,7 @@ class DeepSpeedEngine:
         for g in groups:
             g["lr"] = 0.0
         for batch in micro_batches:
-            self.ds.backward(self.ds(**batch).loss * 0.0)
+            self.ds.backward(self.ds(**to_device(batch, self.ds.device)).loss * 0.0)
             self.ds.step()
         for g, lr in zip(groups, saved, strict=True):
             g["lr"] = lr

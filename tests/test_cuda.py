@@ -162,3 +162,32 @@ def test_tiny_llama_trains_under_bf16_autocast_on_cuda():
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"{n} changed"
+
+
+@pytest.mark.parametrize("engine", ["none", "fsdp2"])
+def test_spra_train_runs_on_the_gpu_and_matches_the_cpu(engine, tmp_path):
+    """``spra train`` puts the model, its masks and the batches on cuda:0 (nccl for fsdp2's group of one) and
+    ends with the CPU run's adapter up to fp32 summation order."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spra_dist.adapter import read_adapter
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NVIDIA_TF32_OVERRIDE="0")
+    adapters = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / device
+        proc = subprocess.run([sys.executable, "-m", "spra_dist", "train", "--config",
+                               str(root / "configs/train/debug_tiny_llama.yaml"), f"output_dir={out}", "max_steps=4",
+                               "eval_every=0", f"engine={engine}", f"device={device}"],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["device"] == device and summary["engine"] == engine
+        adapters[device] = read_adapter(out / "adapter")[1]
+    for key, value in adapters["cpu"].items():
+        assert (adapters["cuda"][key] - value).norm() <= 1e-3 * value.norm(), key

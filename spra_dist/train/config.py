@@ -22,6 +22,7 @@ import yaml
 
 from spra_dist.config import SpraConfig
 from spra_dist.data.config import DATA_SOURCES, DATA_TYPES, EXCESS_LENGTH, ROLES, DataConfig
+from spra_dist.devices import DEVICES
 from spra_dist.train.trackers import check_tracker
 
 MODEL_SOURCES = ("minilm", "smollm2", "tiny_llama", "tiny_gpt2", "tiny_bert", "hf")
@@ -129,6 +130,10 @@ class TrainConfig:
     """DeepSpeed preset for engine deepspeed: a name in configs/deepspeed (zero1, zero2, zero3,
     zero3_offload) or a JSON path; its "auto" values are filled from this config."""
 
+    device: str = "auto"
+    """auto (each rank on its GPU, cuda:LOCAL_RANK, over nccl, when torch sees CUDA; else the CPU over gloo) |
+    cuda | cpu."""
+
     mixed_precision: str = "auto"
     """no | bf16 (bf16 compute, fp32 master values: torch.autocast under none and ddp, the engine's own bf16
     under fsdp2 and deepspeed), or auto: accelerate's setting."""
@@ -186,6 +191,7 @@ class TrainConfig:
         _choice("model.dtype", self.model.dtype, DTYPES)
         _validate_data(self.data, self.model.task)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
             _positive(key, getattr(self, key))
         _positive("data.max_length", self.data.max_length)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from spra_dist.data.tokens import IGNORE, TokenSet
+from spra_dist.devices import model_device
 from spra_dist.train.models import Codec
 
 
@@ -42,13 +43,14 @@ def _clean(text: str, end_of_turn: str | None) -> str:
 def greedy(model: nn.Module, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int], codec: Codec,
            end_of_turn: str | None) -> list[int]:
     new: list[int] = []
-    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    device = model_device(model)
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     for _ in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
         if token in stop_ids:
             break
         new.append(token)
-        out = model(input_ids=torch.tensor([[token]]), cache=out.cache, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
         if end_of_turn and end_of_turn in codec.decode(new[-8:]):  # a multi-token end-of-turn (byte vocab)
             break
     return new

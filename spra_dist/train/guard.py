@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from spra_dist.devices import collective_device
 from spra_dist.distributed import world
 
 EXIT_PREEMPTED = 75
@@ -87,7 +88,7 @@ class StepGuard:
         Call on every rank once per step, after backward and before the optimizer step.
         """
         bad = not all(math.isfinite(x) for x in losses) or (grad_norm is not None and not math.isfinite(grad_norm))
-        flags = torch.tensor([float(bad), float(self.signal_name is not None)])
+        flags = torch.tensor([float(bad), float(self.signal_name is not None)], device=collective_device())
         if world()[1] > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, signalled = bool(flags[0]), bool(flags[1])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spra_dist.data.tokens import TokenSet, collate
+from spra_dist.devices import model_device, to_device
 from spra_dist.model import spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig
 
@@ -113,8 +114,9 @@ def evaluate(model: nn.Module, tokens: TokenSet, *, task: str, pad_id: int, batc
     loss_sum, count = 0.0, 0
     predicted, gold = [], []
     order = np.argsort(tokens.lengths(), kind="stable").tolist()  # similar lengths pad less
+    device = model_device(model)
     for start in range(0, len(tokens), batch_size):
-        batch = collate(tokens, order[start: start + batch_size], pad_id=pad_id)
+        batch = to_device(collate(tokens, order[start: start + batch_size], pad_id=pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
         if task == "classification":

@@ -28,6 +28,7 @@ from spra_dist.comm import CommCounter, count_ddp
 from spra_dist.data.build import DataSplits, build_data
 from spra_dist.data.packing import check_packing
 from spra_dist.data.tokens import collate, global_batch, rank_slice, split_micro
+from spra_dist.devices import backend_for, collective_device, train_device
 from spra_dist.distributed import init_distributed, launched_world_size, on_rank0, shutdown, world
 from spra_dist.engines import (
     build_deepspeed_engine,
@@ -59,12 +60,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     cfg.validate()
     engine_name = resolve_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, world_size=launched_world_size())
+    device = train_device(cfg.device)
     # ddp / fsdp2 / deepspeed need a process group, also for one process (a single GPU, a config tried out).
-    rank, world_size = init_distributed(timeout_s=cfg.dist_timeout_s, group=engine_name != "none")
+    rank, world_size = init_distributed(backend=backend_for(device), timeout_s=cfg.dist_timeout_s,
+                                        group=engine_name != "none")
     make_monitor_group(cfg.dist_timeout_s)
     try:
         with StepGuard(on_nonfinite=cfg.on_nonfinite, max_skips=cfg.max_nonfinite_skips) as guard:
-            summary = _train(cfg, engine_name, rank, world_size, guard)
+            summary = _train(cfg, engine_name, device, rank, world_size, guard)
     except (Preempted, NonFiniteError, ValueError, OSError):
         shutdown()  # every rank raised at the same point: leave together
         raise
@@ -79,7 +82,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _train(cfg: TrainConfig, engine_name: str, rank: int, world_size: int, guard: StepGuard) -> dict[str, Any]:
+def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, world_size: int,
+           guard: StepGuard) -> dict[str, Any]:
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     check_batch_split(cfg.batch_size, cfg.grad_accum)
     counter = CommCounter.install() if cfg.comm_stats else None  # before DeepSpeed caches the collectives
@@ -104,6 +108,7 @@ def _train(cfg: TrainConfig, engine_name: str, rank: int, world_size: int, guard
     model = apply_spra(built.model, spra_cfg)
     if ckpt is not None:
         load_values(model, ckpt)
+    model.to(device)  # masks and values with it; batches follow the model's device in the engine
     on_rank0(lambda: save_run_config(cfg, model, out / "config.yaml"))
     engine = wrap_model(model, cfg, engine_name=engine_name, mixed_precision=mixed_precision, counter=counter)
     start = 0 if ckpt is None else ckpt.step
@@ -134,7 +139,7 @@ def _train(cfg: TrainConfig, engine_name: str, rank: int, world_size: int, guard
         "train_packs": splits.stats.get("packs"),
         "data": {k: v for k, v in splits.stats.items() if k in ("train", "eval")},
         "label_names": splits.label_names,
-        "engine": engine.name, "world_size": world_size, "mixed_precision": mixed_precision,
+        "engine": engine.name, "world_size": world_size, "device": device.type, "mixed_precision": mixed_precision,
         "optimizer_state_numel_per_rank": _gather_ints(engine.local_optimizer_numel()),
         "grad_bytes_per_step": stats.get("grad_bytes"), "comm_bytes_per_step": stats.get("comm_bytes"),
         "wall_time_s": round(time.perf_counter() - started, 2),
@@ -264,8 +269,9 @@ def _gather_ints(value: int) -> list[int]:
     """``value`` from every rank, in rank order."""
     if world()[1] == 1:
         return [value]
-    out = [torch.zeros(1, dtype=torch.int64) for _ in range(world()[1])]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
+    device = collective_device()
+    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world()[1])]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device))
     return [int(t.item()) for t in out]
 
 
