@@ -16,6 +16,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from spra_dist.devices import collective_device
+
 DEFAULT_MP = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
@@ -30,8 +32,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def default_mesh() -> DeviceMesh:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device, (torch.distributed.get_world_size(),))
+    """Every rank on one dimension, on the device the group's backend moves (cuda for nccl, cpu for gloo): a
+    CPU run on a GPU machine (device=cpu, gloo) shards on the CPU."""
+    return init_device_mesh(collective_device().type, (torch.distributed.get_world_size(),))
 
 
 def apply_fsdp2(model: nn.Module, *, mesh: DeviceMesh | None = None,
