@@ -90,7 +90,7 @@ class SpraLinear(nn.Module):
         # value_dtype: fp32 master values on a bf16 / fp16 weight (the merged forward adds in fp32, rounds once)
         self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
                                                     device=self.weight.device))
-        dtype = index_dtype(self.weight.numel())
+        dtype = index_dtype(self.weight_shape[0] * self.weight_shape[1])
         self.register_buffer("spra_indices", torch.empty(0, dtype=dtype), persistent=False)
         # The mask's CSR row pointers for the values' gradient, built with the mask (n_rows + 1 entries).
         self.register_buffer("spra_crow", torch.empty(0, dtype=dtype), persistent=False)
@@ -114,7 +114,7 @@ class SpraLinear(nn.Module):
         self.mask_parts = tuple((int(s), int(k)) for s, k in parts)
         if values is None:
             self.k, self.seed = 0, None
-            empty = torch.empty(0, dtype=index_dtype(self.weight.numel()), device=self.weight.device)
+            empty = torch.empty(0, dtype=self.spra_indices.dtype, device=self.weight.device)
             self.spra_indices, self.spra_crow = empty, empty
             return
         self.seed = self.mask_parts[0][0]
