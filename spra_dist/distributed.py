@@ -21,6 +21,8 @@ from torch import nn
 from spra_dist.devices import collective_device
 from spra_dist.masks import fingerprint as _fingerprint
 
+_ENV_SET: list[str] = []  # variables init_distributed set for a group of one
+
 
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default group, or ``(0, 1)`` when not distributed."""
@@ -55,8 +57,9 @@ def init_distributed(*, backend: str | None = None, timeout_s: int = 600, group:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         launcher = expected > 1 or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
         alone = {} if launcher else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
-        if not launcher:
-            os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed insists on it
+        if not launcher and "LOCAL_RANK" not in os.environ:  # what a launcher would set; DeepSpeed insists on it
+            os.environ["LOCAL_RANK"] = "0"
+            _ENV_SET.append("LOCAL_RANK")  # taken back by shutdown: later code must not think it was launched
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **alone)
     rank, size = world()
     if size != expected:
@@ -80,10 +83,13 @@ def free_port() -> int:
 
 
 def shutdown() -> None:
-    """Leave the group cleanly (the barrier avoids an abort in destroy_process_group when ranks straggle)."""
+    """Leave the group cleanly (the barrier avoids an abort in destroy_process_group when ranks straggle), and
+    take back the environment a group of one set up."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    while _ENV_SET:
+        os.environ.pop(_ENV_SET.pop(), None)
 
 
 def on_rank0(write: Callable[[], object]) -> None:

@@ -56,15 +56,16 @@ def test_report_from_the_benchmark_functions_on_cpu(monkeypatch):
     assert records[2]["step"]["trainable"] == 0
     fsdp2 = {"backend": "nccl", "device": "cuda", "world_size": 1, "steps": 8, "losses": [5.6, 4.1], "seconds": 1.5,
              "sharded": "DTensor", "values_device": "cuda:0", "k_total": 17408, "adapter_roundtrip": True, "ok": True}
-    parts = [SimpleNamespace(name="tests", ok=True, timed_out=False, returncode=0, seconds=40.0, limit_s=150,
+    lim = gpu_check.LIMITS
+    parts = [SimpleNamespace(name="tests", ok=True, timed_out=False, returncode=0, seconds=40.0, limit_s=lim["tests"],
                              output="....\n12 passed in 30.1s\n", records=[]),
-             SimpleNamespace(name="bench", ok=True, timed_out=False, returncode=0, seconds=90.0, limit_s=240,
+             SimpleNamespace(name="bench", ok=True, timed_out=False, returncode=0, seconds=90.0, limit_s=lim["bench"],
                              output="", records=records),
              SimpleNamespace(name="fsdp2", ok=False, timed_out=True, returncode=-9, seconds=60.0, limit_s=60,
                              output="started\n", records=[{"fsdp2": fsdp2}])]
     page = gpu_report.render({"gpu": "NVIDIA H200", "when": "today"}, parts, batch=1, seq=8, layers=1,
                              limits=gpu_check.LIMITS)
-    assert "| tests | ok | 40 | 150 |" in page and "| fsdp2 | out of time | 60 | 60 |" in page
+    assert f"| tests | ok | 40 | {gpu_check.LIMITS['tests']} |" in page and "| fsdp2 | out of time | 60 | 60 |" in page
     assert "`12 passed in 30.1s`" in page
     assert "| 32 × 48, 640 |  | " in page  # Triton not timed on the CPU: an empty cell
     assert "| spra_dist, sampled_addmm | 81,408 |" in page and "| floor (all frozen) | 0 |" in page

@@ -61,6 +61,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     engine_name = resolve_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, world_size=launched_world_size())
     device = train_device(cfg.device)
+    if engine_name == "deepspeed":
+        load_deepspeed_config(cfg.deepspeed_config)  # a bad preset fails here, before a group or a write
     # ddp / fsdp2 / deepspeed need a process group, also for one process (a single GPU, a config tried out).
     rank, world_size = init_distributed(backend=backend_for(device), timeout_s=cfg.dist_timeout_s,
                                         group=engine_name != "none")
@@ -92,8 +94,6 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
     started = time.perf_counter()
     ckpt = resolve_resume(cfg.resume, out)
 
-    if engine_name == "deepspeed":
-        load_deepspeed_config(cfg.deepspeed_config)  # a bad preset fails here, not after the first writes
     built = build_model(cfg.model, seed=cfg.seed)
     check_targets(built.model, cfg.spra)
     splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec, num_labels=cfg.model.num_labels,
