@@ -28,7 +28,7 @@ def test_yaml_sections_and_defaults(tmp_path):
     assert cfg.data.max_length == 32
     assert cfg.spra.lora_rank == 4 and cfg.spra.trainable_modules == ["score"]
     assert cfg.output_dir == str(Path("runs") / "exp")  # default: runs/<config file stem>
-    assert cfg.lr == 1e-3  # untouched default
+    assert cfg.lr == 3e-3  # untouched default: the rate the quality study chose for SpaRA
 
 
 def test_dotted_and_bare_overrides(tmp_path):

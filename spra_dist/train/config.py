@@ -79,8 +79,8 @@ class TrainConfig:
     seed: int = 0
     """Training seed: random init of tiny models, data order. The mask seed is spra.seed."""
 
-    lr: float = 1e-3
-    """Peak learning rate of the sparse values."""
+    lr: float = 3e-3
+    """Peak learning rate of the sparse values (3e-3: chosen on validation at every budget, docs/quality.md)."""
 
     head_lr: float | None = None
     """Peak learning rate of spra.trainable_modules (the densely trained head); None: lr."""
