@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from spra_dist import apply_spra, load_adapter, save_adapter
-from spra_dist.distributed import default_backend
+from spra_dist.devices import backend_for, train_device
 from spra_dist.fsdp import apply_fsdp2
 from spra_dist.train.config import load_config
 from spra_dist.train.models import build_model
@@ -33,10 +33,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
     a = ap.parse_args()
-    backend = default_backend()
-    device = "cuda" if backend == "nccl" else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(0)
+    device = train_device("auto")
+    backend = backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
     cfg = load_config(CONFIG)
     model = apply_spra(build_model(cfg.model, seed=cfg.seed).model, cfg.spra)
@@ -58,7 +58,7 @@ def main() -> None:
         plain = load_adapter(build_model(cfg.model, seed=cfg.seed).model, tmp)
         saved = {n: p.detach() for n, p in plain.named_parameters() if n.endswith("spra_values")}
     full = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters() if n.endswith("spra_values")}
-    result = {"backend": backend, "device": device, "world_size": dist.get_world_size(), "steps": a.steps,
+    result = {"backend": backend, "device": str(device), "world_size": dist.get_world_size(), "steps": a.steps,
               "losses": losses, "seconds": seconds, "sharded": type(values[0]).__name__,
               "values_device": str(values[0].device), "k_total": sum(v.numel() for v in full.values()),
               "adapter_roundtrip": saved.keys() == full.keys() and all(torch.equal(saved[n], full[n]) for n in full),

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spra_dist.devices import collective_device
+from spra_dist.devices import backend_for, collective_device, train_device
 from spra_dist.masks import fingerprint as _fingerprint
 
 _ENV_SET: list[str] = []  # variables init_distributed set for a group of one
@@ -36,10 +36,6 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def init_distributed(*, backend: str | None = None, timeout_s: int = 600, group: bool = False) -> tuple[int, int]:
     """Join the group the launcher set up (no-op for a single process) and prove it is one group.
 
@@ -52,7 +48,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: int = 600, group:
     """
     expected = launched_world_size()
     if (expected > 1 or group) and not dist.is_initialized():
-        backend = backend or default_backend()
+        backend = backend or backend_for(train_device("auto"))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         launcher = expected > 1 or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
