@@ -152,7 +152,10 @@ PROBE_TEXT = {"--warmup": "warmup {} steps (study: {})", "--weight-decay": "Adam
               "--alloc": "budget: the same total k at one {} over all linears (study: r·(n_in + n_out) per matrix)"}
 
 
-def probe_change(arm, warmup: int) -> str:
+def probe_change(arm, *, warmup: int, lr: float) -> str:
+    """What a probe changes from the studied run (``warmup``, ``lr``: the study's)."""
+    if not arm.change:
+        return f"peak learning rate {arm.lrs[0]:g} (study: {lr:g})"
     flag, value = arm.change
     return PROBE_TEXT[flag].format(value, warmup)
 
@@ -162,8 +165,9 @@ def probe_table(probes: list[dict], base: dict, lora: dict, warmup: int) -> list
     ref = metric(base, "val", "accuracy")
     lines = ["| run | change | val accuracy % | val loss | − SpaRA r=4 (points) | wall s / cell |",
              "|---|---|---:|---:|---:|---:|"]
-    for name, row, change in [("SpaRA r=4 as studied", base, "–"), ("LoRA r=4 as studied", lora, "–"),
-                              *[(row["arm"].name, row, probe_change(row["arm"], warmup)) for row in probes]]:
+    lr = base["chosen"]
+    for name, row, change in [(f"SpaRA r=4 at {lr:g}", base, "–"), ("LoRA r=4 at its chosen rate", lora, "–"),
+                              *[(r["arm"].name, r, probe_change(r["arm"], warmup=warmup, lr=lr)) for r in probes]]:
         acc = metric(row, "val", "accuracy")
         diff = f"{100 * (statistics.fmean(acc) - statistics.fmean(ref)):+.2f}" if acc and ref else "–"
         lines.append(f"| {name} | {change} | {pm(acc, scale=100)} | {pm(metric(row, 'val', 'eval_loss'), digits=3)}"
@@ -199,18 +203,21 @@ def protocol(scales: dict, records: list[dict], extend: int) -> list[str]:
         f"loss) is chosen and the other seeds ({c.seeds} for classification, {s.seeds} for SFT in all) run at that "
         "rate only. When the best rate sits at an end of the grid, the next rate on the 1-3-10 ladder past that end "
         f"runs as well (at most {extend} times per arm). The test split never takes part in the choice. A seed fixes "
-        "data order, head init and the "
-        "method's random mask or init.", ""]
+        "data order, head init and the method's random mask or init.",
+        "- **r=4's grid** holds 5e-3 as well, for both SpaRA and LoRA: on the 1-3-10 grid SpaRA r=4 missed the target, "
+        "and of the validation-only probes at the end of this page the rate was the one setting that moved it.", ""]
 
 
 def write(rows: list[dict], scales: dict, *, out: Path) -> None:
     """quality.md and quality.png in ``out``."""
     cls = [r for r in rows if r["arm"].part == "methods"]
     probes = [r for r in rows if r["arm"].part == "probe"]
-    by = {(r["arm"].task, r["arm"].name): r for r in rows}
+    by = {(r["arm"].task, r["arm"].name): r for r in rows if r["arm"].part != "probe_base"}
+    base = next((r for r in rows if r["arm"].part == "probe_base"), None)
     placement = [r for r in rows if r["arm"].part == "placement"] + [by[("cls", "spra_r8")]]
     sft = [r for r in rows if r["arm"].part == "sft"]
-    records = [r for row in rows for r in row["seed0"].values()] + [r for row in rows for r in row["final"][1:]]
+    cells = [r for row in rows for r in row["seed0"].values()] + [r for row in rows for r in row["final"][1:]]
+    records = list({r["id"]: r for r in cells}.values())  # the probes' base shares its cells with SpaRA r=4
     last = max((r["when"] for r in records), default="never")
     loads = [r["load_before"] for r in records]
     machine = (f"{records[0]['cpus']} CPUs, {records[0]['threads']} torch threads, load average "
@@ -234,7 +241,7 @@ def write(rows: list[dict], scales: dict, *, out: Path) -> None:
     lines += ["", example_command(cls), "", "![test accuracy against trainable parameters](quality.png)", "",
               "## Learning-rate selection (validation, seed 0)", "",
               "Each cell shows the rate → validation accuracy / loss; the chosen rate is bold.", "",
-              *lr_table([r for r in rows if r["arm"].part != "probe"]),
+              *lr_table([r for r in rows if r["arm"].part not in ("probe", "probe_base")]),
               "## Placement: attention V/O only against all linears, equal k", "",
               "Command: `python -m bench.quality --only cls/spra_vo_r8,cls/spra_r8`. "
               f"Wall time: {wall(placement[:1])} (all linears: in the table above).",
@@ -245,15 +252,18 @@ def write(rows: list[dict], scales: dict, *, out: Path) -> None:
     if len(sft) == 2:
         lines.append(verdict_ppl(sft[0], sft[1]))
     lines += ["", example_command(sft), ""]
-    if probes and ("cls", "spra_r4") in by and ("cls", "lora_r4") in by:
-        lines += ["## Probes: why SpaRA r=4 trails LoRA r=4 (validation only)", "",
-                  f"One setting changed at a time from SpaRA r=4 at rate {probes[0]['arm'].lrs[0]:g} (its rate chosen "
-                  "on validation), each with the same seeds as the study; scored on validation alone, the test split "
-                  "is never evaluated (`--no-test`). Command: `python -m bench.quality --only 'cls/spra_r4_*'`. "
-                  f"Wall time: {wall(probes)}.", "",
-                  *probe_table(probes, by[("cls", "spra_r4")], by[("cls", "lora_r4")], scales["cls"].warmup)]
+    if probes and base and base["chosen"] is not None and ("cls", "lora_r4") in by:
+        lines += ["## Probes: why SpaRA r=4 trailed LoRA r=4 (validation only)", "",
+                  f"One setting changed at a time from SpaRA r=4 at rate {base['chosen']:g} (its rate chosen on "
+                  "validation from the 1-3-10 grid), each with the same seeds as the study; scored on validation "
+                  "alone, the test split is never evaluated (`--no-test`). Command: `python -m bench.quality --only "
+                  f"'cls/spra_r4_*'`. Wall time: {wall(probes)}.", "",
+                  *probe_table(probes, base, by[("cls", "lora_r4")], scales["cls"].warmup),
+                  verdict_points(f"r=4 at {base['chosen']:g}, the 1-3-10 grid's choice (what the probes started from)",
+                                 base, by[("cls", "lora_r4")], "SpaRA", "LoRA"), ""]
     (out / "quality.md").write_text("\n".join(lines), encoding="utf-8")
-    chart([r for r in rows if r["arm"].task == "cls" and r["arm"].part != "probe"], sft, out / "quality.png")
+    chart([r for r in rows if r["arm"].task == "cls" and r["arm"].part in ("methods", "placement")], sft,
+          out / "quality.png")
 
 
 def chart(cls: list[dict], sft: list[dict], path: Path) -> None:

@@ -168,7 +168,10 @@ def test_probes_change_one_setting_score_on_validation_only_and_are_reported(tmp
     cmd = quality.command(probe, quality.FULL["cls"], quality.PROBE_LR, 1)
     a = parse(cmd[3:])  # the scale's --warmup 8 comes first; the probe's --warmup 0 overrides it
     assert (a.warmup, a.no_test, a.rank, a.lr, a.seed) == (0, True, 4, quality.PROBE_LR, 1)
-    assert all(arm.part != "probe" or arm.change for arm in quality.ARMS)
+    assert all(arm.part != "probe" or arm.change or arm.lrs != (quality.PROBE_LR,) for arm in quality.ARMS)
+    rate = next(a for a in quality.ARMS if a.name == "spra_r4_lr5e-3")  # the rate probe: its lr is the change
+    assert parse(quality.command(rate, quality.FULL["cls"], 5e-3, 0)[3:]).lr == 5e-3
+    assert quality_report.probe_change(rate, warmup=8, lr=3e-3) == "peak learning rate 0.005 (study: 0.003)"
 
     out = run(parse(["--task", "cls", "--method", "spra", "--rank", "4", "--lr", "0.003", "--steps", "1", "--batch",
                      "4", "--warmup", "0", "--max-length", "16", "--train", "8", "--val", "4", "--test", "4",
@@ -176,7 +179,8 @@ def test_probes_change_one_setting_score_on_validation_only_and_are_reported(tmp
     assert out["test"] is None and out["sizes"]["test"] == 0 and 0 <= out["val"]["accuracy"] <= 1
     assert (out["warmup"], out["weight_decay"], out["alloc"]) == (0, 0.1, "density")
 
-    base, lora = (next(a for a in quality.ARMS if a.name == n) for n in ("spra_r4", "lora_r4"))
+    base, lora = (quality.Arm(n, "cls", m, (1e-3, 3e-3, 1e-2), rank=4) for n, m in (("spra_r4", "spra"),
+                                                                                   ("lora_r4", "lora")))
     records = [{**fake(base, 3e-3, s, acc), "test": {"accuracy": 0.8, "eval_loss": 0.5}, "wall_s": 1.0}
                for s, acc in enumerate((0.76, 0.78, 0.77))] + [fake(base, lr, 0, 0.7) for lr in (1e-3, 1e-2)]
     records += [{**fake(lora, 3e-3, s, acc), "test": {"accuracy": 0.81, "eval_loss": 0.5}, "wall_s": 1.0}
@@ -188,4 +192,17 @@ def test_probes_change_one_setting_score_on_validation_only_and_are_reported(tmp
     by = {r["arm"].name: r for r in rows}
     md = "\n".join(quality_report.probe_table([by["spra_r4_warmup0"]], by["spra_r4"], by["lora_r4"], 8))
     assert "| spra_r4_warmup0 | warmup 0 steps (study: 8) | 79.0 ± 1.0 (n=3) |" in md and "| +2.00 |" in md
-    assert "| LoRA r=4 as studied | – | 79.0 ± 0.0 (n=3) |" in md
+    assert "| LoRA r=4 at its chosen rate | – | 79.0 ± 0.0 (n=3) |" in md
+    assert "| SpaRA r=4 at 0.003 | – | 77.0 ± 1.0 (n=3) |" in md
+
+
+def test_refined_r4_grid_keeps_the_probes_base_at_the_rate_they_changed_from(tmp_path):
+    """SpaRA r=4 chooses again on its refined grid; the probes still compare with its cells at PROBE_LR."""
+    spra = next(a for a in quality.ARMS if a.name == "spra_r4")
+    assert 5e-3 in spra.lrs and quality.PROBE_BASE.lrs == (quality.PROBE_LR,)
+    records = [fake(spra, lr, 0, acc) for lr, acc in zip(spra.lrs, (0.70, 0.76, 0.79, 0.72), strict=True)]
+    records += [{**fake(spra, lr, s, acc), "test": {"accuracy": 0.8, "eval_loss": 0.5}}
+                for lr in (3e-3, 5e-3) for s, acc in ((1, 0.75), (2, 0.77))]
+    rows = quality.rows([spra, quality.PROBE_BASE], quality.FULL, records)
+    assert rows[0]["chosen"] == 5e-3 and [r["lr"] for r in rows[0]["final"]] == [5e-3] * 3
+    assert rows[1]["chosen"] == 3e-3 and [r["val"]["accuracy"] for r in rows[1]["final"]] == [0.76, 0.75, 0.77]
