@@ -196,7 +196,7 @@ def test_probes_change_one_setting_score_on_validation_only_and_are_reported(tmp
     assert "| SpaRA r=4 at 0.003 | – | 77.0 ± 1.0 (n=3) |" in md
 
 
-def test_refined_r4_grid_keeps_the_probes_base_at_the_rate_they_changed_from(tmp_path):
+def test_refined_r4_grid_keeps_the_probes_base_at_the_rate_they_changed_from():
     """SpaRA r=4 chooses again on its refined grid; the probes still compare with its cells at PROBE_LR."""
     spra = next(a for a in quality.ARMS if a.name == "spra_r4")
     assert 5e-3 in spra.lrs and quality.PROBE_BASE.lrs == (quality.PROBE_LR,)
