@@ -2,7 +2,7 @@
 # make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
 # make stress: every engine x launcher, 2 ranks, N runs each (N=20); counts non-zero exits and aborts
 # make bench: step time / memory / mask / adapter-size benchmarks and bytes per step (docs/)
-# make quality: the quality study (docs/quality.md; about 3 hours on 2 cores, resumable); ONLY=cls/spra_r8: a subset
+# make quality: the quality study (docs/quality.md; about 4 hours on 2 quiet cores, resumable); ONLY=cls/spra_r8: a subset
 # make gpu-check: on a CUDA machine, CUDA tests + bf16 SmolLM2 bench + FSDP2 smoke -> docs/benchmarks-gpu.md
 #   (GPU_PY=python3 to use a Python whose torch is a CUDA build; without CUDA it says so and exits 0)
 PY      ?= python3
