@@ -216,6 +216,8 @@ def write(rows: list[dict], scales: dict, *, out: Path) -> None:
     base = next((r for r in rows if r["arm"].part == "probe_base"), None)
     placement = [r for r in rows if r["arm"].part == "placement"] + [by[("cls", "spra_r8")]]
     sft = [r for r in rows if r["arm"].part == "sft"]
+    grids = [row for row in rows if row["arm"].part not in ("probe", "probe_base")]
+    seed0_rows = [{"seed0": row["seed0"], "final": []} for row in grids]
     cells = [r for row in rows for r in row["seed0"].values()] + [r for row in rows for r in row["final"][1:]]
     records = list({r["id"]: r for r in cells}.values())  # the probes' base shares its cells with SpaRA r=4
     last = max((r["when"] for r in records), default="never")
@@ -240,8 +242,9 @@ def write(rows: list[dict], scales: dict, *, out: Path) -> None:
                                     "SHiRA", target=False))
     lines += ["", example_command(cls), "", "![test accuracy against trainable parameters](quality.png)", "",
               "## Learning-rate selection (validation, seed 0)", "",
-              "Each cell shows the rate → validation accuracy / loss; the chosen rate is bold.", "",
-              *lr_table([r for r in rows if r["arm"].part not in ("probe", "probe_base")]),
+              "Each cell shows the rate → validation accuracy / loss; the chosen rate is bold. Command: `make quality` "
+              f"(the seed-0 cells of every arm). Wall time: {wall(seed0_rows)}.", "",
+              *lr_table(grids),
               "## Placement: attention V/O only against all linears, equal k", "",
               "Command: `python -m bench.quality --only cls/spra_vo_r8,cls/spra_r8`. "
               f"Wall time: {wall(placement[:1])} (all linears: in the table above).",
