@@ -80,7 +80,8 @@ class TrainConfig:
     """Training seed: random init of tiny models, data order. The mask seed is spra.seed."""
 
     lr: float = 3e-3
-    """Peak learning rate of the sparse values (3e-3: chosen on validation at every budget, docs/quality.md)."""
+    """Peak learning rate of the sparse values (3e-3: chosen on validation at r=8, r=16 and in SFT; r=4 took 5e-3;
+    docs/quality.md)."""
 
     head_lr: float | None = None
     """Peak learning rate of spra.trainable_modules (the densely trained head); None: lr."""
