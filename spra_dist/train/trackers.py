@@ -4,7 +4,9 @@
     report_to: wandb           # an offline W&B run in <output_dir>/wandb (wandb sync uploads it later)
 
 Only rank 0 reports, the same records it writes to ``metrics.jsonl``. W&B runs offline: training machines
-often have no network, and a run must never wait on one.
+often have no network, and a run must never wait on one. W&B's service process writes the run file and closes it
+after the run finishes, on its own time: it is complete once the training process exits (``spra train``), or, when
+training ran inside your own Python process, after ``wandb.teardown()``.
 """
 
 from __future__ import annotations
