@@ -1,7 +1,7 @@
 """The whole benchmark: step time and memory against LoRA / SHiRA / dense-gradient / full / floor, mask rebuild,
 adapter sizes; prints the tables and rewrites the generated part of docs/benchmarks.md and its chart.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.run_all            # about 20 minutes on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.run_all            # about 22 minutes on 2 quiet cores
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.run_all --quick    # about 90 s: checks that it all runs
 """
 
