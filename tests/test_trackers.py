@@ -34,10 +34,10 @@ def test_tensorboard_event_file_holds_the_loss_curve(tmp_path):
 
 
 def test_wandb_offline_run_holds_the_logged_values(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    records = train(tmp_path / "run", "wandb")
     import wandb
 
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    records = train(tmp_path / "run", "wandb")
     # run.finish() hands the run to W&B's service process, which closes the run file on its own time; teardown
     # waits for that process to exit, as it does when a training process ends.
     wandb.teardown()
