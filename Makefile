@@ -25,7 +25,7 @@ $(VENV)/.done: pyproject.toml constraints.txt
 	$(BIN)/pip install torch==2.13.0
 	$(PIP) -e .[dev,deepspeed,gpu]
 	$(PIP) --no-deps $(OFFLINE)
-	$(BIN)/python -m spra_dist.kernels.cpu_sddmm   # compiles the opt-in CPU kernel once; never fails setup
+	$(BIN)/python -m spra_dist.core.kernels.cpu_sddmm   # compiles the opt-in CPU kernel once; never fails setup
 	# DeepSpeed's CPU shared-memory collectives, which every DeepSpeed run on CPU JIT-builds first (~50 s), once here.
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
 	  a().create_op_builder('ShareMemCommBuilder').load()" || echo "DeepSpeed's CPU comm op not prebuilt: runs build it"

@@ -16,8 +16,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bench._worker import TARGETS, apply_method, build_model, loss_fn
-from spra_dist.comm import GRADIENT_OPS, CommCounter, count_ddp
-from spra_dist.distributed import init_distributed, shutdown
+from spra_dist.distributed.comm import GRADIENT_OPS, CommCounter, count_ddp
+from spra_dist.distributed.group import init_distributed, shutdown
 
 METHODS = ("spra", "lora", "full")
 MODEL = "smollm2"

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spra_dist.config import SpraConfig
-from spra_dist.masks import budget, sample_indices
-from spra_dist.model import apply_spra, replace_module
+from spra_dist.core.config import SpraConfig
+from spra_dist.core.masks import budget, sample_indices
+from spra_dist.core.model import apply_spra, replace_module
 
 METHODS = ("spra", "spra_cpp", "lora", "shira", "dense_grad", "full", "floor")
-# The two CPU paths of the values' gradient (spra_dist.kernels): each method pins its own, whatever the default.
+# The two CPU paths of the values' gradient (spra_dist.core.kernels): each method pins its own, whatever the default.
 CPU_KERNEL = {"spra": "0", "spra_cpp": "1"}
 MODELS = ("smollm2", "minilm")
 # Every attention and MLP linear, named as PEFT and apply_spra match them (suffixes).
@@ -99,7 +99,7 @@ def pin_cpu_path(method: str) -> None:
     if method in CPU_KERNEL:
         os.environ["SPRA_CPU_KERNEL"] = CPU_KERNEL[method]
         if method == "spra_cpp":
-            from spra_dist.kernels import cpu_sddmm
+            from spra_dist.core.kernels import cpu_sddmm
 
             if cpu_sddmm._load() is None:
                 raise SystemExit("spra_cpp: the CPU kernel could not be built (see the warning above)")

@@ -24,7 +24,7 @@ def adapter_files(method: str, layers: int) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     with tempfile.TemporaryDirectory() as d:
         if method == "spra":
-            from spra_dist.adapter import save_adapter
+            from spra_dist.adapters.files import save_adapter
 
             save_adapter(model, os.path.join(d, "a"))
         else:

@@ -4,7 +4,7 @@
 
 Each method runs as its own 2-rank ``torchrun`` job (gloo) on a random-init Llama of SmolLM2-135M shapes; the
 targets are every attention and MLP linear, with SpaRA at the LoRA r=8 budget (k = 8·(n_in + n_out) per
-matrix). ``spra_dist.comm.CommCounter`` counts the bytes each rank hands to reducing collectives, and
+matrix). ``spra_dist.distributed.comm.CommCounter`` counts the bytes each rank hands to reducing collectives, and
 ``count_ddp`` routes DDP's buckets through them. Prints a markdown table; the ratio column is bytes /
 (trainable parameters × 4): 1.00 means exactly the fp32 gradient of the trainable parameters crosses the
 wire, nothing of the frozen model.

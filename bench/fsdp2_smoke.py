@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from spra_dist import apply_spra, load_adapter, save_adapter
-from spra_dist.devices import backend_for, train_device
-from spra_dist.fsdp import apply_fsdp2
+from spra_dist.distributed.devices import backend_for, train_device
+from spra_dist.distributed.fsdp import apply_fsdp2
 from spra_dist.train.config import load_config
 from spra_dist.train.models import build_model
 

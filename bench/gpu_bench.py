@@ -24,8 +24,8 @@ import time
 import torch
 
 from bench._worker import TARGETS, apply_method, build_model
-from spra_dist.kernels.sddmm import sampled_weight_grad
-from spra_dist.masks import budget, sample_indices
+from spra_dist.core.kernels.sddmm import sampled_weight_grad
+from spra_dist.core.masks import budget, sample_indices
 
 METHODS = {"spra_triton": ("spra", "triton"), "spra_sampled_addmm": ("spra", "sampled_addmm"),
            "lora": ("lora", None), "shira": ("shira", None), "floor": ("floor", None)}

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from spra_dist.layer import mask_buffers
-from spra_dist.masks import budget
+from spra_dist.core.layer import mask_buffers
+from spra_dist.core.masks import budget
 
 # (hidden, intermediate, layers, key/value width) of each model's linears.
 SHAPES = {"llama2-7b": (4096, 11008, 32, 4096), "llama3-8b": (4096, 14336, 32, 1024),

@@ -14,7 +14,7 @@ milliseconds of:
 - dtype casts: bf16 → fp32 of the two operands, when the activations are bf16 (inside the copies above);
 - kernel: ``sampled_addmm`` on operands already feature-major;
 - as called: the values' gradient as the layer runs it (copies + kernel; CSR cached);
-- token-major C++ kernel: ``spra_dist.kernels.cpu_sddmm`` (no copies), when it builds.
+- token-major C++ kernel: ``spra_dist.core.kernels.cpu_sddmm`` (no copies), when it builds.
 The last columns give the adapted layer's total (frozen + merge/restore + as called) over frozen.
 """
 
@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.sddmm_parts import median_ms
-from spra_dist.kernels import MergedWeight, csr_structure, index_dtype
-from spra_dist.kernels.cpu_sddmm import _load as load_cpu_kernel
-from spra_dist.kernels.sddmm import sampled_matmul_t
-from spra_dist.masks import budget, sample_indices
+from spra_dist.core.kernels import csr_structure, index_dtype
+from spra_dist.core.kernels.cpu_sddmm import _load as load_cpu_kernel
+from spra_dist.core.kernels.entries import MergedWeight
+from spra_dist.core.kernels.sddmm import sampled_matmul_t
+from spra_dist.core.masks import budget, sample_indices
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 SHAPES = {  # (out, in): model linears

@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spra_dist.config import SpraConfig
+from spra_dist.core.config import SpraConfig
+from spra_dist.core.masks import budget
+from spra_dist.core.model import apply_spra, select_targets
 from spra_dist.data.build import DataSplits, build_data
 from spra_dist.data.config import DataConfig, DatasetEntry
-from spra_dist.data.demo_dates import write as write_dates
 from spra_dist.data.tokens import TokenSet, collate, global_batch
-from spra_dist.masks import budget
-from spra_dist.model import apply_spra, select_targets
+from spra_dist.demos.dates import write as write_dates
 from spra_dist.train.config import ModelConfig
-from spra_dist.train.generate import generate_eval
-from spra_dist.train.loop import evaluate, lr_factor
+from spra_dist.train.eval import evaluate, generate_eval
+from spra_dist.train.loop import lr_factor
 from spra_dist.train.models import build_model
 
 METHODS = ("spra", "lora", "shira", "full", "head")

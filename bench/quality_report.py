@@ -186,7 +186,7 @@ def protocol(scales: dict, records: list[dict], extend: int) -> list[str]:
         f"on the next {c.val:,} (disjoint from test), test on "
         f"{'the whole held-out split' if c.test is None else f'{c.test:,} held-out reviews'}; at most "
         f"{c.max_length} tokens a review. {c.steps} steps of {c.batch} ({c.steps * c.batch:,} reviews).",
-        f"- **SFT**: SmolLM2-135M-Instruct on the date-writing chats (`python -m spra_dist.data.demo_dates`): train on "
+        f"- **SFT**: SmolLM2-135M-Instruct on the date-writing chats (`python -m spra_dist.demos.dates`): train on "
         f"the first {s.train:,} conversations of train.jsonl, validation on the next {s.val:,}, test on "
         f"{s.test} conversations of eval.jsonl (loss, perplexity) and greedy exact match on its first "
         f"{s.generate} prompts. {s.steps} steps of {s.batch}; loss on the assistant turns.",

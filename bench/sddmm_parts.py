@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from spra_dist.masks import sample_indices
+from spra_dist.core.masks import sample_indices
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (1536, 576), (576, 1536)]  # (out, in): MiniLM, SmolLM2 MLPs

@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from spra_dist import SpraConfig, apply_spra
-from spra_dist.data.bundled import bundled_file
-from spra_dist.hf import SpraAdapterCallback
-from spra_dist.packaged import PACKAGED
+from spra_dist.demos.packaged import PACKAGED
+from spra_dist.demos.sources import bundled_file
+from spra_dist.integrations.hf import SpraAdapterCallback
 
 LABELS = {"fresh": " positive", "rotten": " negative"}
 

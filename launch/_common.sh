@@ -1,8 +1,7 @@
-# Sourced by launch/*.sh: process count, CPU-mode settings and engine names shared by every wrapper.
+# Sourced by launch/*.sh: process count and CPU-mode settings shared by every wrapper.
 # Not meant to be run on its own.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ENGINE_NAMES="none ddp fsdp2 zero1 zero2 zero3 zero3_offload"
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -44,13 +43,13 @@ check_config() {  # $1: the training YAML
   [ -f "$1" ] || die "CONFIG $1 not found; give a training YAML such as configs/train/debug_tiny_llama.yaml"
 }
 
-# ENGINE_ARGS: the training overrides that select ENGINE (one of ENGINE_NAMES).
+# ENGINE_ARGS: the training overrides that select engine $1 (none, ddp, fsdp2, a DeepSpeed preset such as zero2,
+# or a DeepSpeed JSON file). spra_dist knows the names: an unknown one fails here, before any process starts,
+# with spra_dist's message or $2.
 engine_args() {
-  case "$1" in
-    none|ddp|fsdp2) ENGINE_ARGS=("engine=$1") ;;
-    zero1|zero2|zero3|zero3_offload) ENGINE_ARGS=("engine=deepspeed" "deepspeed_config=$REPO/configs/deepspeed/$1.json") ;;
-    *) die "ENGINE=$1 is not one of: $ENGINE_NAMES" ;;
-  esac
+  local out
+  out="$(python -m spra_dist.distributed.parallelize "$1" 2>&1)" || die "${2:-${out#error: }}"
+  mapfile -t ENGINE_ARGS <<< "$out"
 }
 
 free_port() {  # a port nobody listens on now, for launchers without their own standalone mode

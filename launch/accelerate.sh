@@ -11,18 +11,17 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 ENGINE="$1"; CONFIG="$2"; shift 2
 case "$ENGINE" in
   *.yaml|*.yml) [ -f "$ENGINE" ] || die "accelerate config $ENGINE not found"; YAML="$ENGINE" ;;
-  ddp|fsdp2|zero1|zero2|zero3) YAML="$REPO/configs/accelerate/$ENGINE.yaml" ;;
-  *) die "ENGINE=$ENGINE: use ddp, fsdp2, zero1, zero2, zero3 or an accelerate YAML file" ;;
+  *) YAML="$REPO/configs/accelerate/$ENGINE.yaml"
+     [ -f "$YAML" ] || die "ENGINE=$ENGINE: use $(cd "$REPO/configs/accelerate" && ls *.yaml | sed 's/\.yaml$//' | paste -sd, - | sed 's/,/, /g') (configs/accelerate/) or an accelerate YAML file" ;;
 esac
 check_config "$CONFIG"
 need accelerate
 
 # --main_process_port 0: accelerate picks a free port, so concurrent jobs on one machine don't collide.
 ARGS=(--config_file "$YAML" --num_processes "$NPROC" --main_process_port 0)
-case "$ENGINE" in
-  # The YAML names its preset relative to the repository root; an absolute path works from anywhere.
-  zero1|zero2|zero3) ARGS+=(--deepspeed_config_file "$REPO/configs/deepspeed/$ENGINE.json") ;;
-esac
+# The YAML names its DeepSpeed preset relative to the repository root; an absolute path works from anywhere.
+PRESET="$REPO/spra_dist/distributed/presets/$ENGINE.json"
+[ -f "$PRESET" ] && ARGS+=(--deepspeed_config_file "$PRESET")
 if [ "$ON_CPU" = 1 ]; then
   # CPU: keep the multi-process launch of the YAML and switch the ranks to CPU + gloo through the
   # environment. `--cpu` would start ONE process whatever num_processes says.

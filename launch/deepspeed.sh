@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # launch/deepspeed.sh STAGE CONFIG [key=value ...]
-#   STAGE: zero1 | zero2 | zero3 | zero3_offload (a preset in configs/deepspeed/), 1 | 2 | 3, or a JSON path
+#   STAGE: zero1 | zero2 | zero3 | zero3_offload (a preset that ships with spra_dist), 1 | 2 | 3, or a JSON path
 #   e.g.  launch/deepspeed.sh zero3 configs/train/debug_tiny_llama.yaml max_steps=5
 # DeepSpeed's own launcher: one process per GPU, or NPROC (default 2) CPU processes on gloo without a GPU.
 # Several nodes: `deepspeed --hostfile launch/hostfile.example ...` (see that file).
@@ -10,11 +10,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 [ $# -ge 2 ] || die "usage: launch/deepspeed.sh STAGE CONFIG [key=value ...]   (STAGE: zero1 zero2 zero3 zero3_offload)"
 STAGE="$1"; CONFIG="$2"; shift 2
 case "$STAGE" in
-  1|2|3) PRESET="$REPO/configs/deepspeed/zero$STAGE.json" ;;
-  zero1|zero2|zero3|zero3_offload) PRESET="$REPO/configs/deepspeed/$STAGE.json" ;;
-  *.json) [ -f "$STAGE" ] || die "DeepSpeed config $STAGE not found"; PRESET="$STAGE" ;;
-  *) die "STAGE=$STAGE: use zero1, zero2, zero3, zero3_offload, 1-3 or a DeepSpeed JSON file" ;;
+  1|2|3) STAGE="zero$STAGE" ;;
+  *.json) [ -f "$STAGE" ] || die "DeepSpeed config $STAGE not found" ;;
 esac
+NOT_A_STAGE="STAGE=$STAGE: use a DeepSpeed preset (zero1, zero2, zero3, zero3_offload), 1-3 or a DeepSpeed JSON file"
+engine_args "$STAGE" "$NOT_A_STAGE"
+[ "${ENGINE_ARGS[0]}" = "engine=deepspeed" ] || die "$NOT_A_STAGE"
 check_config "$CONFIG"
 need deepspeed
 
@@ -22,4 +23,4 @@ need deepspeed
 # LOCAL_RANK from the environment, which the launcher sets as well.
 # --master_port: a free one, so concurrent jobs on one machine don't collide (MASTER_PORT to choose).
 exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-$(free_port)}" --no_local_rank \
-  --module spra_dist train --config "$CONFIG" engine=deepspeed "deepspeed_config=$PRESET" "$@"
+  --module spra_dist train --config "$CONFIG" "${ENGINE_ARGS[@]}" "$@"

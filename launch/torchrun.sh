@@ -7,7 +7,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-[ $# -ge 2 ] || die "usage: launch/torchrun.sh ENGINE CONFIG [key=value ...]   (ENGINE: $ENGINE_NAMES)"
+[ $# -ge 2 ] || die "usage: launch/torchrun.sh ENGINE CONFIG [key=value ...]   (ENGINE: none, ddp, fsdp2 or a DeepSpeed preset such as zero2)"
 ENGINE="$1"; CONFIG="$2"; shift 2
 check_config "$CONFIG"
 engine_args "$ENGINE"

@@ -9,7 +9,7 @@ import torch
 from tiny_models import batch, tiny_llama
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, merge_adapter, save_adapter, spra_modules
-from spra_dist.distributed import init_distributed, shutdown, world
+from spra_dist.distributed.group import init_distributed, shutdown, world
 
 
 def adapted(values_seed: int):
@@ -23,12 +23,12 @@ def adapted(values_seed: int):
 
 def shard(model, engine: str):
     if engine == "fsdp2":
-        from spra_dist.fsdp import apply_fsdp2
+        from spra_dist.distributed.fsdp import apply_fsdp2
 
         return apply_fsdp2(model, mp_policy=None)
     import deepspeed
 
-    from spra_dist.engines import fill_deepspeed_config, load_deepspeed_config
+    from spra_dist.distributed.deepspeed import fill_deepspeed_config, load_deepspeed_config
 
     config = load_deepspeed_config("zero3")
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0

@@ -6,7 +6,7 @@ import sys
 from tiny_models import tiny_llama
 
 from spra_dist import SpraConfig, apply_spra
-from spra_dist.distributed import init_distributed
+from spra_dist.distributed.group import init_distributed
 
 what = sys.argv[1]
 init_distributed()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_distributed import adapter_rel_diff
 
-from spra_dist.adapter import read_adapter
+from spra_dist.adapters.files import read_adapter
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

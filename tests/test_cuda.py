@@ -14,10 +14,10 @@ from tiny_models import batch, tiny_llama
 from torch import nn
 
 from spra_dist import SpraConfig, apply_spra
-from spra_dist.kernels.sddmm import sampled_weight_grad
-from spra_dist.kernels.triton_sddmm import triton_available
-from spra_dist.layer import SpraLinear
-from spra_dist.masks import budget, sample_indices
+from spra_dist.core.kernels.sddmm import sampled_weight_grad
+from spra_dist.core.kernels.triton_sddmm import triton_available
+from spra_dist.core.layer import SpraLinear
+from spra_dist.core.masks import budget, sample_indices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device (torch.cuda.is_available() is False); make gpu-check runs these")
@@ -174,7 +174,7 @@ def test_spra_train_runs_on_the_gpu_and_matches_the_cpu(engine, tmp_path):
     import sys
     from pathlib import Path
 
-    from spra_dist.adapter import read_adapter
+    from spra_dist.adapters.files import read_adapter
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", NVIDIA_TF32_OVERRIDE="0")

@@ -12,9 +12,10 @@ import yaml
 
 from spra_dist.data.build import build_data
 from spra_dist.data.chat import CHATML
+from spra_dist.data.codec import BYTE_BOS, BYTE_EOS, ByteCodec
 from spra_dist.data.tokens import collate
 from spra_dist.train.config import load_config
-from spra_dist.train.models import BYTE_BOS, BYTE_EOS, ByteCodec, build_model
+from spra_dist.train.models import build_model
 
 DATA = Path(__file__).parent / "data"
 IGN = -100

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from spra_dist.data.build import build_data
-from spra_dist.data.demo_dates import write as write_dates
-from spra_dist.data.demo_reviews import write as write_reviews
+from spra_dist.demos.dates import write as write_dates
+from spra_dist.demos.reviews import write as write_reviews
 from spra_dist.train.config import load_config
 from spra_dist.train.models import build_codec
 

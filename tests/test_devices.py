@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from spra_dist.devices import backend_for, collective_device, model_device, to_device, train_device
+from spra_dist.distributed.devices import backend_for, collective_device, model_device, to_device, train_device
 from spra_dist.train.config import TrainConfig
 
 

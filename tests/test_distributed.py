@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spra_dist.adapter import read_adapter
+from spra_dist.adapters.files import read_adapter
+from spra_dist.distributed.deepspeed import load_deepspeed_config
 from spra_dist.train.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE
 
 def zero3_preset(tmp_path: Path) -> str:
     """zero3.json with persistence threshold 0, so the tiny model's parameters really are partitioned."""
-    cfg = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
+    cfg = load_deepspeed_config("zero3")
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = tmp_path / "zero3_partitioned.json"
     path.write_text(json.dumps(cfg))
@@ -149,7 +150,7 @@ def test_mask_mismatch_fails_on_every_rank(what):
 def test_unsynchronised_processes_fail_loudly(tmp_path):
     # Two processes that each believe they are alone: WORLD_SIZE says 2, but no group forms.
     env = dict(ENV, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    cmd = [sys.executable, "-c", "import torch.distributed as d; from spra_dist.distributed import world, "
+    cmd = [sys.executable, "-c", "import torch.distributed as d; from spra_dist.distributed.group import world, "
            "init_distributed; import unittest.mock as m; m.patch.object(d, 'init_process_group').start(); "
            "init_distributed()"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)

@@ -109,7 +109,7 @@ def test_unknown_mask_version(saved):
 
 def test_save_failure_keeps_previous_adapter(saved, monkeypatch):
     before = (saved / "adapter.safetensors").read_bytes()
-    import spra_dist.adapter as adapter_mod
+    import spra_dist.adapters.files as adapter_mod
 
     def boom(*a, **k):
         raise OSError("disk full")

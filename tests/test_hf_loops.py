@@ -12,7 +12,7 @@ import torch
 from tiny_models import batch, tiny_llama, tiny_tokenizer
 
 from spra_dist import SpraConfig, apply_spra, load_adapter
-from spra_dist.hf import SpraAdapterCallback
+from spra_dist.integrations.hf import SpraAdapterCallback
 
 STEPS = 8
 

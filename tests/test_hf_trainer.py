@@ -42,8 +42,8 @@ def worker(out: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
     from spra_dist import SpraConfig, apply_spra, trainable_parameters
-    from spra_dist.distributed import init_distributed, shutdown
-    from spra_dist.hf import SpraAdapterCallback, hf_deepspeed_config
+    from spra_dist.distributed.group import init_distributed, shutdown
+    from spra_dist.integrations.hf import SpraAdapterCallback, hf_deepspeed_config
 
     rank, size = init_distributed(backend="gloo")  # before apply_spra: ranks agree on the seed and check masks
     model = apply_spra(tiny_llama(), SpraConfig(lora_rank=2, seed=1234))
@@ -103,7 +103,7 @@ def test_trainer_zero2_saves_adapter_only(tmp_path):
 
 
 def test_hf_deepspeed_config_keeps_only_autos_the_trainer_fills():
-    from spra_dist.hf import hf_deepspeed_config
+    from spra_dist.integrations.hf import hf_deepspeed_config
 
     config = hf_deepspeed_config("zero2")
     assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"] == {"enabled": "auto"}
@@ -113,7 +113,7 @@ def test_hf_deepspeed_config_keeps_only_autos_the_trainer_fills():
 
 
 def test_rotate_keeps_the_newest_checkpoints(tmp_path):
-    from spra_dist.hf import _rotate
+    from spra_dist.integrations.hf import _rotate
 
     for step in (2, 10, 4, 8):
         (tmp_path / f"checkpoint-{step}" / "adapter").mkdir(parents=True)

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
-from spra_dist.layer import SpraLinear
+from spra_dist.core.layer import SpraLinear
 
 
 def make_layer(kind: str, bias: bool, dtype=torch.float64, n_in=24, n_out=16, k=40):
@@ -105,8 +105,8 @@ def test_zero_values_equal_base():
 @pytest.mark.parametrize("k", [1, 7, 300, 48 * 40])  # one entry, rows left empty, typical, every entry
 @pytest.mark.parametrize("index", [torch.int32, torch.int64])  # a layer's indices, and those of a ≥ 2³¹ matrix
 def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k, index):
-    from spra_dist.kernels import sampled_gather, sampled_weight_grad
-    from spra_dist.masks import sample_indices
+    from spra_dist.core.kernels import sampled_gather, sampled_weight_grad
+    from spra_dist.core.masks import sample_indices
 
     torch.manual_seed(3)
     n_in, n_out, tokens = 40, 48, 33
@@ -126,7 +126,8 @@ def test_sampled_weight_grad_kernels_match_dense_float64(transposed, dtype, k, i
 
 def test_indices_are_int32_with_cached_row_pointers_only():
     """4 bytes a value of mask state (the indices), the row pointers beside them; int64 only from 2³¹ entries."""
-    from spra_dist.kernels import MergedWeight, index_dtype, row_pointers
+    from spra_dist.core.kernels import index_dtype, row_pointers
+    from spra_dist.core.kernels.entries import MergedWeight
 
     layer = make_layer("linear", True)
     assert layer.spra_indices.dtype == layer.spra_crow.dtype == torch.int32 and layer.spra_crow.numel() == 17
@@ -243,7 +244,7 @@ def test_fp16_grad_scaler_trains_and_skips_overflow(device):
 
 def test_custom_ops_pass_opcheck():
     """Schema (no undeclared mutation: the merge is undone inside the op), fake tensors, autograd, AOT dispatch."""
-    from spra_dist.kernels.ops import linear_op
+    from spra_dist.core.kernels.ops import linear_op
 
     for kind in ("linear", "conv1d"):
         layer = make_layer(kind, True, dtype=torch.float32)
@@ -261,7 +262,7 @@ def test_sibling_layers_share_one_prepared_input(autocast, monkeypatch):
     from tiny_models import batch, tiny_llama
 
     from spra_dist import SpraConfig, apply_spra
-    from spra_dist.kernels import shared
+    from spra_dist.core.kernels import shared
 
     monkeypatch.setenv("SPRA_CPU_KERNEL", "0")
     model = apply_spra(tiny_llama(), SpraConfig(seed=1))
@@ -289,7 +290,7 @@ def test_sibling_layers_share_one_prepared_input(autocast, monkeypatch):
 
 
 def _cpu_kernel():
-    from spra_dist.kernels import cpu_sddmm
+    from spra_dist.core.kernels import cpu_sddmm
 
     module = cpu_sddmm._load()
     if module is None:
@@ -302,8 +303,8 @@ def _cpu_kernel():
 def test_cpu_token_major_kernel_matches_dense_float64(dtype, shape):
     """Exact against dYᵀX in float64 on the same (rounded) operands; low-precision inputs summed in fp32. T = 75
     is not a multiple of the 32-token tile; the mask spans rows with none, one and many entries."""
-    from spra_dist.kernels import csr_structure
-    from spra_dist.masks import sample_indices
+    from spra_dist.core.kernels import csr_structure
+    from spra_dist.core.masks import sample_indices
 
     module = _cpu_kernel()
     out, inp = shape
@@ -336,7 +337,7 @@ def test_cpu_kernel_in_the_layer_matches_the_default_path(monkeypatch):
 def test_a_missing_compiler_falls_back_with_one_warning(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 
-    from spra_dist.kernels import cpu_sddmm
+    from spra_dist.core.kernels import cpu_sddmm
 
     monkeypatch.setattr(cpu_sddmm, "_module", None)
     monkeypatch.setattr(cpu_sddmm, "_failed", False)

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from spra_dist import apply_spra
-from spra_dist.adapter import read_adapter
+from spra_dist.adapters.files import read_adapter
+from spra_dist.core.model import trainable_parameters
 from spra_dist.data.build import build_data
-from spra_dist.engines import build_torch_engine
-from spra_dist.model import trainable_parameters
+from spra_dist.distributed.parallelize import parallelize
 from spra_dist.train.config import load_config
 from spra_dist.train.loop import build_optimizer, build_schedule
 from spra_dist.train.models import build_model
@@ -46,8 +46,8 @@ def write_config(tmp_path: Path, **top) -> Path:
 
 def gradients(cfg, splits) -> torch.Tensor:
     model = apply_spra(build_model(cfg.model, seed=0).model, cfg.spra)
-    engine = build_torch_engine("none", model, lambda m: build_optimizer(m, cfg), lambda o: build_schedule(o, cfg),
-                                mixed_precision="no")
+    engine = parallelize(model, engine="none", mixed_precision="no", make_optimizer=lambda m: build_optimizer(m, cfg),
+                         make_scheduler=lambda o: build_schedule(o, cfg))
     micro = micro_batches(splits, cfg, step=0, pad_id=256)
     for i, batch in enumerate(micro):
         engine.forward_backward(batch, n_micro=len(micro), last=i == len(micro) - 1)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from spra_dist.masks import MASK_VERSION, budget, sample_indices
+from spra_dist.core.masks import MASK_VERSION, budget, sample_indices
 
 # Saved adapters depend on these forever: a change here is a new MASK_VERSION, never an edit.
 GOLDEN_V1 = [
@@ -53,7 +53,7 @@ def test_bad_arguments():
 
 
 def test_same_indices_in_another_process_with_other_thread_count():
-    code = ("import torch; torch.set_num_threads(1); from spra_dist.masks import sample_indices;"
+    code = ("import torch; torch.set_num_threads(1); from spra_dist.core.masks import sample_indices;"
             "print(sample_indices(99, 'model.layers.1.mlp.up_proj.weight', 1536 * 576, 20000).sum().item())")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -5,7 +5,7 @@ import torch
 from tiny_models import BUILDERS, batch
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, merge_adapter, save_adapter, spra_modules
-from spra_dist.masks import sample_indices
+from spra_dist.core.masks import sample_indices
 
 
 def spra_cfg(arch: str, **kw) -> SpraConfig:
@@ -113,7 +113,7 @@ def test_meta_device_build_then_materialise():
     """Large models are built on meta, adapted, then materialised: masks rebuild from the seed."""
     from tiny_models import tiny_llama as build
 
-    from spra_dist.model import reset_spra_parameters
+    from spra_dist.core.model import reset_spra_parameters
 
     ids = batch()
     reference = apply_spra(build(), spra_cfg("llama"))

@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 from bench import quality, quality_report  # noqa: E402
 from bench.quality_cell import parse, prepare, run  # noqa: E402
-from spra_dist.model import spra_modules  # noqa: E402
+from spra_dist.core.model import spra_modules  # noqa: E402
 from spra_dist.train.config import ModelConfig  # noqa: E402
 from spra_dist.train.models import build_model  # noqa: E402
 

@@ -138,7 +138,7 @@ def test_nonfinite_on_one_rank_is_skipped_on_every_rank(engine, tmp_path):
     assert summary["nonfinite_skipped_steps"] == 1 and summary["steps"] == 6
     skipped = [r for r in _metrics(tmp_path) if r.get("nonfinite_skipped")]
     assert [r["step"] for r in skipped] == [3]
-    from spra_dist.adapter import read_adapter
+    from spra_dist.adapters.files import read_adapter
 
     _, values = read_adapter(tmp_path / "adapter")
     assert all(v.isfinite().all() for v in values.values())

@@ -17,10 +17,10 @@ from tiny_models import tiny_bert, tiny_llama
 from tree import tree_hash
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
-from spra_dist.adapter import read_adapter
-from spra_dist.atomic import COMMITTED, atomic_files, committed_file
-from spra_dist.checkpoint import save_checkpoint
+from spra_dist.adapters.files import read_adapter
 from spra_dist.cli import main
+from spra_dist.train.checkpoint import save_checkpoint
+from spra_dist.utils.atomic import COMMITTED, atomic_files, committed_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ torch.set_num_threads(1)  # the writers are forked: no thread pool may be runnin
 sys.path.insert(0, {tests!r})
 from tiny_models import tiny_llama
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
-from spra_dist.adapter import read_adapter
+from spra_dist.adapters.files import read_adapter
 
 target, rng, models = {target!r}, random.Random(13), []
 for fill in (1.0, 2.0):
@@ -133,12 +133,13 @@ def test_kill_during_save_adapter_leaves_a_complete_adapter(tmp_path):
 
 
 def test_checkpoint_rotation_removes_only_checkpoint_files(tmp_path):
-    from spra_dist.engines import build_torch_engine
-    from spra_dist.model import trainable_parameters
+    from spra_dist.core.model import trainable_parameters
+    from spra_dist.distributed.parallelize import parallelize
 
     model = adapted(1, 0.0)
-    engine = build_torch_engine("none", model, lambda m: torch.optim.AdamW([p for _, p in trainable_parameters(m)]),
-                                lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), mixed_precision="no")
+    engine = parallelize(model, engine="none", mixed_precision="no",
+                         make_optimizer=lambda m: torch.optim.AdamW([p for _, p in trainable_parameters(m)]),
+                         make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0))
     save_checkpoint(engine, tmp_path, step=1, mask_seed=1, keep=1)
     (tmp_path / "checkpoints" / "step-00000001" / "note.txt").write_text("keep me")
     save_checkpoint(engine, tmp_path, step=2, mask_seed=1, keep=1)
@@ -233,7 +234,7 @@ def test_merge_names_the_base_when_its_recorded_path_is_gone(tmp_path, capsys):
 def test_packaged_base_is_recorded_by_name_and_resolved(tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from spra_dist.packaged import minilm_dir
+    from spra_dist.demos.packaged import minilm_dir
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     # MiniLM's classifier is new: it is trained densely, as in the demo, so merge takes it from the adapter

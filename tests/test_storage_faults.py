@@ -15,8 +15,8 @@ from tiny_models import tiny_llama
 from tree import tree_hash
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
-from spra_dist.checkpoint import find_latest, read_checkpoint, resolve_resume
 from spra_dist.cli import EXIT_STORAGE, main
+from spra_dist.train.checkpoint import find_latest, read_checkpoint, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "train" / "debug_tiny_llama.yaml"
@@ -26,12 +26,13 @@ import torch
 torch.set_num_threads(1)  # writers are forked from this process: no thread pool may be running
 from tiny_models import tiny_llama
 from spra_dist import SpraConfig, apply_spra
-from spra_dist.engines import build_torch_engine
-from spra_dist.model import trainable_parameters
+from spra_dist.distributed.parallelize import parallelize
+from spra_dist.core.model import trainable_parameters
 
 model = apply_spra(tiny_llama(), SpraConfig(seed=5))
-engine = build_torch_engine("none", model, lambda m: torch.optim.AdamW([p for _, p in trainable_parameters(m)]),
-                            lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), mixed_precision="no")
+engine = parallelize(model, engine="none", mixed_precision="no",
+                     make_optimizer=lambda m: torch.optim.AdamW([p for _, p in trainable_parameters(m)]),
+                     make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0))
 
 
 def fill(value):
@@ -42,7 +43,7 @@ def fill(value):
 
 _CHECKPOINT_KILLER = _ENGINE + """
 import json, os, random, signal, time, warnings
-from spra_dist.checkpoint import find_latest, save_checkpoint
+from spra_dist.train.checkpoint import find_latest, save_checkpoint
 
 out, rng = {out!r}, random.Random(7)
 fill(1)
@@ -86,7 +87,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_resumable(tmp_path
     assert len(steps) == 20 and steps[-1] > 2  # 20 kills, and the writers made progress between them
     ckpt = find_latest(out)
     model = apply_spra(tiny_llama(), SpraConfig(seed=5))
-    from spra_dist.checkpoint import load_values
+    from spra_dist.train.checkpoint import load_values
 
     load_values(model, ckpt)  # resumable: the values load into a fresh model
     assert all(torch.all(p == ckpt.step) for p in model.parameters() if p.requires_grad)
@@ -95,7 +96,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_resumable(tmp_path
 _FILE_SIZE_LIMIT = _ENGINE + """
 import resource, signal
 from spra_dist import save_adapter
-from spra_dist.checkpoint import save_checkpoint
+from spra_dist.train.checkpoint import save_checkpoint
 
 fill(1)
 save_checkpoint(engine, "run", step=1, mask_seed=5)

@@ -16,8 +16,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[gpu]): the Triton SDDMM is never "
                                      "used, sampled_addmm answers (tests/test_layer.py)")
 
-from spra_dist.kernels.sddmm import sampled_weight_grad  # noqa: E402
-from spra_dist.kernels.triton_sddmm import triton_available, use_triton  # noqa: E402
+from spra_dist.core.kernels.sddmm import sampled_weight_grad  # noqa: E402
+from spra_dist.core.kernels.triton_sddmm import triton_available, use_triton  # noqa: E402
 
 CASES = Path(__file__).with_name("triton_cases.py")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
-from spra_dist.model import spra_modules, trainable_parameters
+from spra_dist.core.model import spra_modules, trainable_parameters
 
 
 def base(dtype: torch.dtype) -> nn.Module:

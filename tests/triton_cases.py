@@ -20,9 +20,9 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[gpu])")
 
-from spra_dist.kernels.triton_sddmm import triton_sampled_weight_grad  # noqa: E402
-from spra_dist.layer import SpraLinear  # noqa: E402
-from spra_dist.masks import sample_indices  # noqa: E402
+from spra_dist.core.kernels.triton_sddmm import triton_sampled_weight_grad  # noqa: E402
+from spra_dist.core.layer import SpraLinear  # noqa: E402
+from spra_dist.core.masks import sample_indices  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spra_dist.data import bundled, chat, formats
+from spra_dist.data import chat, formats
 from spra_dist.data.cache import cache_key, cache_root, prepared
+from spra_dist.data.codec import Codec
 from spra_dist.data.config import DataConfig, DatasetEntry
 from spra_dist.data.load import file_signature, hold_out, load_entry, require_columns, resolve_files
 from spra_dist.data.tokens import TokenSet, column, pack
-from spra_dist.train.models import Codec
+from spra_dist.demos import sources
 
 BUILDERS = {"text": formats.build_text, "completion": formats.build_completion, "alpaca": formats.build_alpaca,
             "chat": chat.build_chat, "classification": formats.build_classification,
@@ -217,11 +218,11 @@ def _from_bundled(cfg: DataConfig, *, task: str, codec: Codec, num_labels: int):
 
     match cfg.source:
         case "rotten_tomatoes":
-            (train, evals), type_ = bundled.rotten_tomatoes_rows(cfg), "classification"
+            (train, evals), type_ = sources.rotten_tomatoes_rows(cfg), "classification"
         case "text_file":
-            (train, evals), type_ = bundled.text_file_rows(cfg, codec), "blocks"
+            (train, evals), type_ = sources.text_file_rows(cfg, codec), "blocks"
         case "synthetic" | None:
-            (train, evals) = bundled.synthetic_rows(cfg, task)
+            (train, evals) = sources.synthetic_rows(cfg, task)
             type_ = "classification" if task == "classification" else "text"
         case _:
             raise ValueError(f"data.source={cfg.source!r} is unknown; use rotten_tomatoes, text_file, synthetic or "

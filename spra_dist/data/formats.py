@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spra_dist.train.models import Codec
+from spra_dist.data.codec import Codec
 
 KEEP, LONG, UNTRAINED = 0, 1, 2
 IGNORE = -100

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from spra_dist.config import SpraConfig
+from spra_dist.core.config import SpraConfig
 from spra_dist.data.config import DATA_SOURCES, DATA_TYPES, EXCESS_LENGTH, ROLES, DataConfig
-from spra_dist.devices import DEVICES
+from spra_dist.distributed.devices import DEVICES
 from spra_dist.train.trackers import check_tracker
 
 MODEL_SOURCES = ("minilm", "smollm2", "tiny_llama", "tiny_gpt2", "tiny_bert", "hf")
@@ -128,7 +128,7 @@ class TrainConfig:
     preset given in deepspeed_config), else ddp for several processes and none for one."""
 
     deepspeed_config: str | None = None
-    """DeepSpeed preset for engine deepspeed: a name in configs/deepspeed (zero1, zero2, zero3,
+    """DeepSpeed preset for engine deepspeed: a preset shipped with spra_dist (zero1, zero2, zero3,
     zero3_offload) or a JSON path; its "auto" values are filled from this config."""
 
     device: str = "auto"

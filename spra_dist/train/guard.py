@@ -22,8 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from spra_dist.devices import collective_device
-from spra_dist.distributed import world
+from spra_dist.distributed.devices import collective_device
+from spra_dist.distributed.group import world
 
 EXIT_PREEMPTED = 75
 """Exit status after a preemption signal: a checkpoint was written; rerun with resume=auto (EX_TEMPFAIL)."""

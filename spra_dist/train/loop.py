@@ -1,4 +1,4 @@
-"""The pieces of the training loop: optimizer, schedule, one optimizer step, evaluation.
+"""The pieces of the training loop: optimizer, schedule, one optimizer step.
 
 ``train_step`` is the seam for engines: it holds the only forward / backward / optimizer-step calls, so a
 distributed engine (DDP, FSDP2, DeepSpeed) replaces this one small function and nothing else.
@@ -9,14 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from spra_dist.data.tokens import TokenSet, collate
-from spra_dist.devices import model_device, to_device
-from spra_dist.model import spra_modules, trainable_parameters
+from spra_dist.core.model import spra_modules, trainable_parameters
 from spra_dist.train.config import TrainConfig
 
 
@@ -87,7 +83,7 @@ class StepResult:
 def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None, guard=None) -> StepResult:
     """One optimizer step through the engine: forward + backward per micro batch, then clip and step.
 
-    The engine (spra_dist.engines) hides what DDP / FSDP2 / DeepSpeed do around these three calls. With a
+    The engine (spra_dist.distributed.engines) hides what DDP / FSDP2 / DeepSpeed do around these three calls. With a
     ``guard`` (spra_dist.train.guard.StepGuard) every rank agrees, before the update, whether to apply it.
     """
     losses, tokens = [], 0
@@ -103,46 +99,3 @@ def train_step(engine, micro_batches: list[dict], *, max_grad_norm: float | None
 
     norm = engine.step(max_grad_norm, allow=allow if guard is not None else None)
     return StepResult(sum(losses) / len(losses), tokens, norm, applied[0])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, tokens: TokenSet, *, task: str, pad_id: int, batch_size: int) -> dict[str, float]:
-    """classification: accuracy, macro_f1 and eval_loss; causal_lm: eval_loss and perplexity over the
-    supervised tokens (labels != -100), summed over the whole set, so the mean is per token, not per batch."""
-    was_training = model.training
-    model.eval()
-    loss_sum, count = 0.0, 0
-    predicted, gold = [], []
-    order = np.argsort(tokens.lengths(), kind="stable").tolist()  # similar lengths pad less
-    device = model_device(model)
-    for start in range(0, len(tokens), batch_size):
-        batch = to_device(collate(tokens, order[start: start + batch_size], pad_id=pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"]
-        if task == "classification":
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            predicted += logits.argmax(-1).tolist()
-            gold += labels.tolist()
-            count += len(labels)
-        else:
-            shifted = labels[:, 1:]
-            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100,
-                                        reduction="sum").item()
-            count += int((shifted != -100).sum())
-    model.train(was_training)
-    mean = loss_sum / max(1, count)
-    if task == "classification":
-        right = sum(p == g for p, g in zip(predicted, gold, strict=True))
-        return {"eval_loss": mean, "accuracy": right / max(1, count), "macro_f1": macro_f1(predicted, gold)}
-    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}
-
-
-def macro_f1(predicted: list[int], gold: list[int]) -> float:
-    """Mean over the classes present in gold or predictions of F1 = 2TP / (2TP + FP + FN)."""
-    scores = []
-    for c in sorted(set(gold) | set(predicted)):
-        tp = sum(p == c and g == c for p, g in zip(predicted, gold, strict=True))
-        fp = sum(p == c and g != c for p, g in zip(predicted, gold, strict=True))
-        fn = sum(p != c and g == c for p, g in zip(predicted, gold, strict=True))
-        scores.append(2 * tp / max(1, 2 * tp + fp + fn))
-    return sum(scores) / max(1, len(scores))

@@ -21,33 +21,28 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from spra_dist import apply_spra, save_adapter
-from spra_dist.atomic import atomic_files, committed_file, write_text_atomic
-from spra_dist.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
-from spra_dist.comm import CommCounter, count_ddp
+from spra_dist.adapters.files import load_adapter, save_adapter
+from spra_dist.core.model import apply_spra, check_targets, spra_modules, trainable_parameters
+from spra_dist.core.registry import spra_config
 from spra_dist.data.build import DataSplits, build_data
 from spra_dist.data.packing import check_packing
 from spra_dist.data.tokens import collate, global_batch, rank_slice, split_micro
-from spra_dist.devices import backend_for, collective_device, train_device
-from spra_dist.distributed import init_distributed, launched_world_size, on_rank0, shutdown, world
-from spra_dist.engines import (
-    build_deepspeed_engine,
-    build_torch_engine,
-    check_batch_split,
-    fill_deepspeed_config,
-    load_deepspeed_config,
-    resolve_engine,
-    resolve_mixed_precision,
-)
-from spra_dist.faults import explain, forget_monitor_group, is_collective_failure, make_monitor_group
-from spra_dist.model import check_targets, spra_modules, trainable_parameters
+from spra_dist.distributed.comm import CommCounter, count_ddp
+from spra_dist.distributed.deepspeed import fill_deepspeed_config, load_deepspeed_config
+from spra_dist.distributed.devices import backend_for, collective_device, train_device
+from spra_dist.distributed.engines import Engine, check_batch_split, resolve_engine, resolve_mixed_precision
+from spra_dist.distributed.faults import explain, forget_monitor_group, is_collective_failure, make_monitor_group
+from spra_dist.distributed.group import init_distributed, launched_world_size, on_rank0, shutdown, world
+from spra_dist.distributed.parallelize import parallelize
+from spra_dist.train.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
 from spra_dist.train.config import TrainConfig, to_dict
-from spra_dist.train.generate import generate_eval
+from spra_dist.train.eval import evaluate, generate_eval
 from spra_dist.train.guard import NonFiniteError, Preempted, StepGuard
-from spra_dist.train.loop import build_optimizer, build_schedule, evaluate, set_schedule_step, train_step
+from spra_dist.train.loop import build_optimizer, build_schedule, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
 from spra_dist.train.trackers import open_tracker
+from spra_dist.utils.atomic import atomic_files, committed_file, write_text_atomic
 
 SAMPLES_KEPT = 20  # generated answers written to samples.jsonl at each evaluation
 
@@ -143,7 +138,7 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
         "optimizer_state_numel_per_rank": _gather_ints(engine.local_optimizer_numel()),
         "grad_bytes_per_step": stats.get("grad_bytes"), "comm_bytes_per_step": stats.get("comm_bytes"),
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "mask_seed": engine.model.spra_config.seed,
+        "mask_seed": spra_config(engine.model).seed,
         "nonfinite_skipped_steps": guard.skipped,
     }
     for key in ("macro_f1", "exact_match", "contains"):
@@ -157,24 +152,17 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, *, engine_name: str, mixed_precision: str,
-               counter: CommCounter | None = None):
-    """Hand the adapted, unwrapped model to its engine (none / DDP / FSDP2 / DeepSpeed ZeRO).
-
-    Mask keys were fixed by apply_spra on the unwrapped names before this call, as every engine needs. The
-    optimizer is built by the engine, after wrapping: FSDP2 replaces the parameters by sharded DTensors.
-    """
-    def make_optimizer(m):
-        return build_optimizer(m, cfg)
-
-    def make_scheduler(o):
-        return build_schedule(o, cfg)
-
+               counter: CommCounter | None = None) -> Engine:
+    """The adapted, unwrapped model handed to its engine (``parallelize``), with this config's optimizer,
+    schedule and, for DeepSpeed, the preset filled from this config."""
+    ds_config = None
     if engine_name == "deepspeed":
-        config = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), batch_size=cfg.batch_size,
-                                       grad_accum=cfg.grad_accum, world_size=world()[1],
-                                       max_grad_norm=cfg.max_grad_norm, mixed_precision=mixed_precision)
-        return build_deepspeed_engine(model, make_optimizer, make_scheduler, config=config)
-    engine = build_torch_engine(engine_name, model, make_optimizer, make_scheduler, mixed_precision=mixed_precision)
+        ds_config = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), batch_size=cfg.batch_size,
+                                          grad_accum=cfg.grad_accum, world_size=world()[1],
+                                          max_grad_norm=cfg.max_grad_norm, mixed_precision=mixed_precision)
+    engine = parallelize(model, engine=engine_name, mixed_precision=mixed_precision, deepspeed_config=ds_config,
+                         make_optimizer=lambda m: build_optimizer(m, cfg),
+                         make_scheduler=lambda o: build_schedule(o, cfg))
     if counter is not None and engine_name == "ddp":
         count_ddp(engine.runner)
     return engine
@@ -246,7 +234,7 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
             log.write(record)
         saved = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end)
         if saved or (guard.preempt and done < end):
-            path = save_checkpoint(engine, cfg.output_dir, step=done, mask_seed=engine.model.spra_config.seed,
+            path = save_checkpoint(engine, cfg.output_dir, step=done, mask_seed=spra_config(engine.model).seed,
                                    keep=max(cfg.checkpoint_keep, 1))
         if guard.preempt and done < end:  # every rank agreed on the signal in this step's decision
             bar.close()
@@ -260,7 +248,7 @@ def _stop_if_nonfinite(guard: StepGuard, engine, cfg: TrainConfig, step: int) ->
     try:
         guard.check_nonfinite(step + 1)
     except NonFiniteError:
-        save_checkpoint(engine, cfg.output_dir, step=step, mask_seed=engine.model.spra_config.seed,
+        save_checkpoint(engine, cfg.output_dir, step=step, mask_seed=spra_config(engine.model).seed,
                         keep=max(cfg.checkpoint_keep, 1))
         raise
 
@@ -311,8 +299,6 @@ def save_base_model(built: BuiltModel, path: Path) -> None:
 
 def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | Path) -> dict[str, float]:
     """Evaluate ``base_dir`` + ``adapter_dir`` in this one process on the config's eval split."""
-    from spra_dist import load_adapter
-
     built = build_model(cfg.model, seed=cfg.seed)
     model = type(built.model).from_pretrained(base_dir)
     load_adapter(model, adapter_dir)
@@ -323,6 +309,6 @@ def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | 
 
 def save_run_config(cfg: TrainConfig, model: nn.Module, path: Path) -> None:
     """The config as run, with the mask seed that apply_spra drew when spra.seed was null."""
-    resolved = dataclasses.replace(cfg, spra=dataclasses.replace(cfg.spra, seed=model.spra_config.seed))
+    resolved = dataclasses.replace(cfg, spra=dataclasses.replace(cfg.spra, seed=spra_config(model).seed))
     write_text_atomic(path, yaml.safe_dump(to_dict(resolved), sort_keys=False))
 

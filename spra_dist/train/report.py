@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from spra_dist.atomic import atomic_files, write_text_atomic
 from spra_dist.train.trackers import Tracker
+from spra_dist.utils.atomic import atomic_files, write_text_atomic
 
 
 class MetricsLog:

@@ -1,0 +1,184 @@
+"""SpraLinear: a frozen linear layer plus ``k`` trainable entries of a sparse delta.
+
+Forward computes ``x @ (W + scatter(values))ᵀ + b`` by writing the ``k`` merged entries into the frozen
+weight, running the ordinary matmul and writing the ``k`` saved originals back: no clone of the weight, no
+dense delta, and the frozen weight is restored bit for bit (no add-then-subtract drift in bf16).
+
+Backward gives the input gradient through the merged weight, and the values' gradient as the sampled
+product ``Σ_tokens dY[:, row] · X[:, col]`` at the ``k`` positions (SDDMM) — never a dense ``dW``. The kernels
+live in ``spra_dist.core.kernels`` (custom ops, so ``torch.autocast`` and ``torch.compile`` treat the layer like
+``nn.Linear``); the module calls one function, ``spra_linear``.
+
+The module keeps the base layer's ``weight`` and ``bias`` names, so base checkpoints load unchanged and every
+engine's hooks (FSDP2, ZeRO-3) see and gather the module's own parameters. ``spra_indices`` is a
+non-persistent buffer: it is rebuilt from the seed, never saved, and held in int32 for any matrix of fewer than
+2³¹ entries (``index_dtype``): with the mask's row pointers it is the module's only per-value state besides the
+values, 4 bytes a value (the CSR column indices are derived from it in the backward).
+
+A module holds one adapter at a time (``spra_dist.adapters.named`` keeps the others' values and switches them in):
+its mask is the union of one or more seeded parts ``(seed, k)`` — one for a trained adapter, several for a
+combination of adapters — and ``spra_values`` is ``None`` while no adapter is active, when the module runs as
+the plain base layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from spra_dist.core.kernels import index_dtype, merged_entries, plain_linear, put, row_pointers, spra_linear
+from spra_dist.core.masks import sample_indices
+
+Parts = tuple[tuple[int, int], ...]
+
+try:  # GPT-2 style layers keep their weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+# torch warns once that CSR tensors are "beta"; we only build one and call sampled_addmm on it, both pinned by
+# tests against a dense float64 reference, so the warning would only alarm users.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+def union_mask(key: str, shape: tuple[int, int], parts: Parts) -> torch.Tensor:
+    """Sorted flat indices: the union of the seeded masks ``sample_indices(seed, key, numel, k)`` of ``parts``."""
+    numel = shape[0] * shape[1]
+    masks = [sample_indices(seed, key, numel, k) for seed, k in parts]
+    if len(masks) == 1:
+        return masks[0]
+    return torch.unique(torch.cat(masks)) if masks else torch.empty(0, dtype=torch.long)
+
+
+def mask_buffers(key: str, shape: tuple[int, int], parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a layer keeps of its mask, on the CPU: the sorted flat indices in ``index_dtype`` (int32 below 2³¹
+    entries) and their CSR row pointers (``shape[0] + 1`` of them)."""
+    mask = union_mask(key, shape, parts).to(index_dtype(shape[0] * shape[1]))
+    return mask, row_pointers(mask, *shape)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+class SpraLinear(nn.Module):
+    """A frozen ``nn.Linear`` / ``Conv1D`` with ``k`` trainable entries (``spra_values``) of a sparse delta.
+
+    ``spra_values[j]`` is the delta at the j-th smallest flat index of ``weight`` in its stored layout;
+    the indices are ``sample_indices(seed, f"{name}.weight", weight.numel(), k)``.
+    """
+
+    def __init__(self, base: nn.Module, *, name: str, k: int, seed: int, value_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+            raise TypeError(f"SpraLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+        self.transposed = is_conv1d(base)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # Kept because ZeRO-3 replaces a partitioned weight's data with an empty tensor between uses.
+        self.weight_shape = tuple(self.weight.shape)
+        n_rows, n_cols = self.weight_shape
+        self.in_features, self.out_features = (n_rows, n_cols) if self.transposed else (n_cols, n_rows)
+        self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
+        self.mask_parts: Parts = ((self.seed, self.k),) if self.k else ()
+        self.merged = False
+        # value_dtype: fp32 master values on a bf16 / fp16 weight (the merged forward adds in fp32, rounds once)
+        self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
+                                                    device=self.weight.device))
+        dtype = index_dtype(self.weight_shape[0] * self.weight_shape[1])
+        self.register_buffer("spra_indices", torch.empty(0, dtype=dtype), persistent=False)
+        # The mask's CSR row pointers for the values' gradient, built with the mask (n_rows + 1 entries).
+        self.register_buffer("spra_crow", torch.empty(0, dtype=dtype), persistent=False)
+        self.register_buffer("_spra_originals", None, persistent=False)
+        self.rebuild_indices()
+
+    def mask(self) -> torch.Tensor:
+        """The sorted flat indices on the CPU, rebuilt from the seed (also while the module is on meta)."""
+        return union_mask(self.spra_key, self.weight_shape, self.mask_parts)
+
+    @property
+    def active(self) -> bool:
+        """An adapter is switched in (otherwise the module is the plain base layer)."""
+        return self.spra_values is not None
+
+    def set_adapter_state(self, values: nn.Parameter | None, parts: Parts) -> None:
+        """Switch in ``values`` on the mask of ``parts`` (``None``, ``()``: no adapter). Never touches ``weight``:
+        call it on an unmerged module."""
+        assert not self.merged, "unmerge before switching adapters"
+        self.spra_values = values
+        self.mask_parts = tuple((int(s), int(k)) for s, k in parts)
+        if values is None:
+            self.k, self.seed = 0, None
+            empty = torch.empty(0, dtype=self.spra_indices.dtype, device=self.weight.device)
+            self.spra_indices, self.spra_crow = empty, empty
+            return
+        self.seed = self.mask_parts[0][0]
+        self.rebuild_indices()
+        self.k = self.spra_indices.numel()
+        assert values.numel() == self.k, f"{self.spra_key}: {values.numel()} values for a mask of {self.k}"
+
+    def rebuild_indices(self) -> None:
+        """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
+        device = self.weight.device
+        target = "meta" if device.type == "meta" else device
+        mask, crow = mask_buffers(self.spra_key, self.weight_shape, self.mask_parts)
+        self.spra_indices, self.spra_crow = mask.to(target), crow.to(target)
+
+    @torch.no_grad()
+    def reset_spra_parameters(self) -> None:
+        """Zero delta and a fresh mask: the state right after ``apply_spra``, for a model built on meta."""
+        self.rebuild_indices()
+        self.spra_values.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.spra_values is None:
+            return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
+        return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed,
+                           crow=self.spra_crow)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """The dense delta (for inspection and tests; training never builds it)."""
+        dtype = self.weight.dtype if self.spra_values is None else self.spra_values.dtype
+        delta = torch.zeros(self.weight.numel(), dtype=dtype, device=self.weight.device)
+        if self.spra_values is not None:
+            delta[self.spra_indices] = self.spra_values.detach()
+        return delta.view_as(self.weight)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the delta into ``weight``; ``unmerge`` restores the original entries exactly."""
+        if self.merged or self.spra_values is None:
+            return
+        self._spra_originals = self.weight.view(-1).index_select(0, self.spra_indices)
+        put(self.weight.view(-1), self.spra_indices, merged_entries(self._spra_originals, self.spra_values))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        put(self.weight.view(-1), self.spra_indices, self._spra_originals)
+        self._spra_originals = None
+        self.merged = False
+
+    def to_plain(self) -> nn.Module:
+        """A plain ``nn.Linear`` / ``Conv1D`` sharing this module's (merged) weight and bias."""
+        self.merge()
+        with torch.device("meta"):  # the new module's own weight is replaced at once: don't allocate it
+            if self.transposed:
+                plain = Conv1D(self.out_features, self.in_features)
+            else:
+                plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.transposed else "Linear"
+        state = f"k={self.k}, merged={self.merged}" if self.active else "no adapter active"
+        return f"{kind}(in={self.in_features}, out={self.out_features}), {state}"

@@ -1,0 +1,1 @@
+"""Helpers every layer uses: ``atomic.py`` (crash-safe writes into a user's directory, checked reads)."""
