@@ -271,7 +271,7 @@ def test_bundled_sources_keep_their_tokens():
 
 
 def test_macro_f1():
-    from spra_dist.train.loop import macro_f1
+    from spra_dist.train.eval import macro_f1
 
     assert macro_f1([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
     # class 0: tp 2, fp 1, fn 0 -> 0.8; class 1: tp 1, fp 0, fn 1 -> 2/3

@@ -78,7 +78,10 @@ def _check_weights(weights: list[float] | None, n: int) -> list[float]:
 
 
 def check_output(out: Path, adapter_dir: Path) -> None:
-    """Refuse an output that is, holds, or lies inside the adapter's run (or the adapter directory itself)."""
+    """Refuse an output that is a file, or that is, holds, or lies inside the adapter's run (or the adapter
+    directory itself): before the base is loaded, so nothing is computed for an output that cannot take it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; choose another output path")
     adapter = adapter_dir.resolve()
     run = adapter.parent if any((adapter.parent / m).exists() for m in RUN_MARKERS) else adapter
     target = out.resolve()
