@@ -126,7 +126,7 @@ class TorchEngine:
         """torch.autocast for the forward when this engine trains in mixed precision that way, else a no-op."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(_device_type(self.model), dtype=self.autocast_dtype)
+        return torch.autocast(model_device(self.model).type, dtype=self.autocast_dtype)
 
     def prime(self, micro_batches: list[dict]) -> None:
         """Nothing to do: torch optimizers accept state written before their first step."""
@@ -169,11 +169,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """An optimizer moment laid out like parameter ``p`` (fp32 for low-precision parameters)."""
     return shard_like(p, full.to(torch.float32 if p.dtype != torch.float64 else p.dtype))
-
-
-def _device_type(model: nn.Module) -> str:
-    param = next(model.parameters(), None)
-    return "cpu" if param is None else param.device.type
 
 
 def check_batch_split(batch_size: int, grad_accum: int) -> int:
