@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+import spra_dist
+from spra_dist.data import config as data_config
 from spra_dist.data.tokens import global_batch, rank_slice, split_micro
-from spra_dist.train.config import load_config, parse_override, resolve_key
+from spra_dist.distributed import devices, engines
+from spra_dist.train import schema, trackers
+from spra_dist.train.config import TrainConfig, load_config, parse_override, resolve_key
 from spra_dist.train.loop import lr_factor
+from spra_dist.train.schema import from_dict, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 
@@ -104,6 +111,115 @@ def test_bad_type_names_key_and_value(override, key):
 def test_bad_values(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(("override", "attr", "value"), [
+    ("max_steps=5.0", "max_steps", 5), ("lr=1", "lr", 1.0), ("lr=3e-4", "lr", 3e-4), ("lr='1e-2'", "lr", 1e-2),
+    ("mixed_precision=no", "mixed_precision", "no"), ("mixed_precision=off", "mixed_precision", "no"),
+    ("density=1e-2", "spra.density", 1e-2), ("lora_rank=4.0", "spra.lora_rank", 4),
+    ("data.eval_fraction=0.25", "data.eval_fraction", 0.25),
+])
+def test_values_yaml_means_are_converted(override, attr, value):
+    """An integral float for an int, an int or a numeric string for a float (YAML 1.1 reads 3e-4 as a string),
+    a YAML boolean for a choice (mixed_precision: no reads as False)."""
+    cfg = load_config(None, [override])
+    got = cfg
+    for part in attr.split("."):
+        got = getattr(got, part)
+    assert got == pytest.approx(value) and type(got) is type(value)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("lr=true", "lr=True has the wrong type; expected float"),
+    ("lora_rank=true", "spra.lora_rank=True has the wrong type; expected int"),
+    ("spra.seed=false", "spra.seed=False has the wrong type; expected int"),
+    ("density=true", "spra.density=True has the wrong type; expected float"),
+    ("max_steps='5'", "max_steps='5' has the wrong type; expected int"),
+    ("max_steps=5.5", "max_steps=5.5 has the wrong type; expected int"),
+    ("max_steps=false", "max_steps=False has the wrong type; expected int"),
+    ("data.eval_fraction=true", "data.eval_fraction=True has the wrong type; expected float"),
+    ("gradient_checkpointing=1", "model.gradient_checkpointing=1 has the wrong type; expected bool"),
+    ("overwrite='true'", "overwrite='true' has the wrong type; expected bool"),
+    ("target_modules=[1]", "spra.target_modules=[1] has the wrong type; expected str | list[str]"),
+    ("trainable_modules=head", "spra.trainable_modules='head' has the wrong type; expected list[str]"),
+    ("data.datasets=x", "data.datasets='x' has the wrong type; expected list[DatasetEntry]"),
+    ("data.datasets=[3]", "data.datasets[0]=3 has the wrong type; expected a mapping of DatasetEntry fields"),
+    ("data.datasets=[{path: a, column_map: {text: 1}}]", "data.datasets[0].column_map.text=1 has the wrong type"),
+    ("mixed_precision=yes", "mixed_precision='yes' is not one of auto, no, bf16"),
+])
+def test_conversions_pydantic_would_make_are_refused(override, message):
+    """pydantic's lax mode reads True as 1, "5" as 5 and 1 as True; a config value means none of these."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("checkpoint_keep=-1", "checkpoint_keep=-1 is negative; use 0 or more"),
+    ("eval_generate_max_tokens=0", "eval_generate_max_tokens=0 must be a positive integer"),
+    ("model.hidden_size=0", "model.hidden_size=0 must be a positive integer"),
+    ("data.eval_fraction=0", "data.eval_fraction=0 must lie in (0, 1)"),
+    ("data.datasets=[{path: a, type: chat, max_samples: 0}]", "data.datasets[0].max_samples=0 must be a positive"),
+    ("data.datasets=[{path: a, type: chat, roles_to_train: [bot]}]",
+     "data.datasets[0].roles_to_train='bot' is not one of system, user, assistant, tool"),
+    ("data.datasets=[{path: a, type: chat, roles: {bot: [x]}}]", "data.datasets[0].roles='bot' is not one of"),
+    ("data.datasets=[{path: a}, {path: b, typo: 1}]", "unknown key data.datasets[1].typo; did you mean 'type'?"),
+])
+def test_field_bounds_and_choices_name_the_dotted_key(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_a_config_built_in_python_is_checked_as_a_loaded_one():
+    TrainConfig(lr=1, mixed_precision="no").validate()
+    for cfg, message in [(TrainConfig(max_steps=True), "max_steps=True has the wrong type"),
+                         (TrainConfig(engine="tpu"), "engine='tpu' is not one of auto, none, ddp, fsdp2, deepspeed"),
+                         (TrainConfig(checkpoint_every=-1), "checkpoint_every=-1 is negative")]:
+        with pytest.raises(ValueError) as err:
+            cfg.validate()
+        assert message in str(err.value)
+    with pytest.raises(ValueError, match="unknown key spra.lora_rnak; did you mean 'lora_rank'"):
+        from_dict({"spra": {"lora_rnak": 4}})
+
+
+# Each choice is one Literal; the tuples, the schema and the messages derive from it.
+CHOICES = [
+    ("engine", engines.EngineName), ("mixed_precision", engines.MixedPrecision), ("device", devices.Device),
+    ("report_to", trackers.TrackerName), ("model.source", schema.ModelSource), ("model.task", schema.Task),
+    ("model.dtype", schema.Dtype), ("schedule", schema.Schedule), ("on_nonfinite", schema.OnNonfinite),
+    ("data.source", data_config.DataSource), ("data.excess_length", data_config.ExcessLength),
+]
+
+
+def spelled_out(options: tuple[str, ...], text: str) -> bool:
+    """The options written out by hand: as a tuple of strings outside their Literal, or as prose ("a, b or c")."""
+    quoted = ", ".join(f'"{o}"' for o in options)
+    prose = re.escape(", ".join(options[:-1])) + r",? (or|and) " + re.escape(options[-1])
+    return text.count(quoted) > text.count(f"Literal[{quoted}]") or re.search(prose, text) is not None
+
+
+@pytest.mark.parametrize(("key", "literal"), CHOICES, ids=[c[0] for c in CHOICES])
+def test_each_choice_is_declared_once_and_named_by_its_literal(key, literal):
+    options = get_args(literal)
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"{key}=nope"])
+    assert f"{key}='nope' is not one of {', '.join(options)}" in str(err.value)
+    package = Path(spra_dist.__file__).parent
+    by_hand = [str(p.relative_to(package)) for p in package.rglob("*.py") if spelled_out(options, p.read_text())]
+    assert by_hand == [], f"the options of {key} are written out in {by_hand}; derive them from the Literal"
+
+
+def test_data_types_and_roles_are_literals():
+    assert data_config.DATA_TYPES == get_args(data_config.DataType)
+    assert data_config.ROLES == get_args(data_config.Role)
+    assert schema.MODEL_SOURCES == get_args(schema.ModelSource)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_to_dict_and_from_dict_round_trip(path):
+    cfg = load_config(path)
+    assert from_dict(to_dict(cfg)) == cfg
 
 
 def test_override_syntax_errors():

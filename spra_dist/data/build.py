@@ -20,7 +20,7 @@ import numpy as np
 from spra_dist.data import chat, formats
 from spra_dist.data.cache import cache_key, cache_root, prepared
 from spra_dist.data.codec import Codec
-from spra_dist.data.config import DataConfig, DatasetEntry
+from spra_dist.data.config import DATA_SOURCES, DataConfig, DatasetEntry
 from spra_dist.data.load import file_signature, hold_out, load_entry, require_columns, resolve_files
 from spra_dist.data.tokens import TokenSet, column, pack
 from spra_dist.demos import sources
@@ -225,8 +225,7 @@ def _from_bundled(cfg: DataConfig, *, task: str, codec: Codec, num_labels: int):
             (train, evals) = sources.synthetic_rows(cfg, task)
             type_ = "classification" if task == "classification" else "text"
         case _:
-            raise ValueError(f"data.source={cfg.source!r} is unknown; use rotten_tomatoes, text_file, synthetic or "
-                             "give data.datasets")
+            raise ValueError(f"data.source={cfg.source!r} is not one of {', '.join(DATA_SOURCES)}")
     out, stats = {}, {}
     for split, cols in (("train", train), ("eval", evals)):
         ds = _numbered(datasets.Dataset.from_dict(cols))

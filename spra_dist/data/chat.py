@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from spra_dist.data.codec import Codec
+from spra_dist.data.config import ROLES
 from spra_dist.data.formats import Prep, _collect, bad_row, finish, mark
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -87,7 +88,7 @@ def normalise(prep: Prep, row: int, messages) -> list[dict]:
         role = prep.roles.get(name)
         if role is None:
             raise bad_row(prep, row, f"message {j} has unknown role {name!r}",
-                          f"map it to system, user, assistant or tool, e.g. roles: {{assistant: [{name}]}}")
+                          f"map it to one of {', '.join(ROLES)}, e.g. roles: {{assistant: [{name}]}}")
         if not isinstance(content, str):
             raise bad_row(prep, row, f"message {j} content is {type(content).__name__}, not a string",
                           "give every message's content as a string")

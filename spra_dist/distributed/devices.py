@@ -9,18 +9,22 @@ themselves.
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-DEVICES = ("auto", "cpu", "cuda")
+Device = Literal["auto", "cpu", "cuda"]
+"""``auto``: each rank on its GPU when torch sees CUDA, else the CPU."""
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
-def train_device(requested: str) -> torch.device:
+def train_device(requested: Device) -> torch.device:
     """``cuda:LOCAL_RANK`` for ``cuda`` (and for ``auto`` on a machine with CUDA), else the CPU."""
     if requested not in DEVICES:
-        raise ValueError(f"device={requested!r}: use auto (the GPU when there is one), cuda or cpu")
+        raise ValueError(f"device={requested!r} is not one of {', '.join(DEVICES)}; auto is the GPU when there "
+                         "is one")
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda, but torch sees no CUDA GPU (a CPU build of torch, or no driver); "
                          "use device=cpu, or install a CUDA build of torch")

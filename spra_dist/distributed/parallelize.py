@@ -53,7 +53,7 @@ def parallelize(model: nn.Module, *, engine: str, mixed_precision: str, make_opt
         case "fsdp2":
             runner = apply_fsdp2(model, mp_policy=DEFAULT_MP if mixed_precision == "bf16" else None)
         case _:
-            raise ValueError(f"engine={engine!r}: parallelize takes none, ddp, fsdp2 or deepspeed")
+            raise ValueError(f"engine={engine!r}: parallelize takes {', '.join(e for e in ENGINES if e != 'auto')}")
     autocast = torch.bfloat16 if mixed_precision == "bf16" and engine in ("none", "ddp") else None
     optimizer = make_optimizer(model)
     return TorchEngine(engine, model, runner, optimizer, make_scheduler(optimizer), autocast_dtype=autocast)

@@ -4,7 +4,8 @@
     from spra_dist.train.recipe import train
     summary = train(load_config("configs/train/debug_tiny_llama.yaml", ["max_steps=5"]))
 
-    config.py      the schema (dataclasses, one docstring per field) and its validation; YAML and key=value
+    schema.py      the schema (dataclasses, one docstring per field, Literal choices) and its validation
+    config.py      load_config: a YAML file and key=value overrides; typed.py: pydantic's checks, our messages
     models.py      the offline base models: packaged checkpoints, a local directory, tiny random ones
     recipe.py      the one path that ties everything together, and the step loop
     loop.py        optimizer, schedule, one optimizer step through the engine

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from spra_dist.core.model import spra_modules, trainable_parameters
-from spra_dist.train.config import TrainConfig
+from spra_dist.train.schema import SCHEDULES, TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -46,7 +46,7 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
         case "constant":
             return 1.0
         case _:
-            raise ValueError(f"schedule={schedule!r} is unknown; use cosine, linear or constant")
+            raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

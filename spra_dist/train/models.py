@@ -16,7 +16,7 @@ from torch import nn
 
 from spra_dist.data.codec import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB, ByteCodec, Codec, HFCodec
 from spra_dist.demos.packaged import minilm_dir, smollm2_dir
-from spra_dist.train.config import ModelConfig
+from spra_dist.train.schema import MODEL_SOURCES, ModelConfig
 
 
 @dataclass
@@ -49,8 +49,7 @@ def build_model(cfg: ModelConfig, *, seed: int) -> BuiltModel:
         case "hf":
             built = _pretrained(Path(cfg.name_or_path), cfg, dtype)
         case _:
-            raise ValueError(f"model.source={cfg.source!r} is unknown; use minilm, smollm2, tiny_llama, "
-                             "tiny_gpt2, tiny_bert or hf")
+            raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     model = built.model
     # save_pretrained writes this too, but adapters are saved before any save_pretrained: set it now so the
     # adapter's stored config names the class that merge must rebuild (e.g. BertForSequenceClassification).
@@ -73,7 +72,7 @@ def build_codec(cfg: ModelConfig) -> Codec:
             path = {"minilm": minilm_dir, "smollm2": smollm2_dir}.get(cfg.source, lambda: Path(cfg.name_or_path))()
             return HFCodec(tf.AutoTokenizer.from_pretrained(path))
         case _:
-            raise ValueError(f"model.source={cfg.source!r} is unknown")
+            raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(MODEL_SOURCES)}")
 
 
 def _tiny_model(cfg: ModelConfig) -> nn.Module:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
-TRACKERS = ("none", "tensorboard", "wandb")
+TrackerName = Literal["none", "tensorboard", "wandb"]
+TRACKERS: tuple[str, ...] = get_args(TrackerName)
 
 
 class Tracker(Protocol):
@@ -63,19 +64,18 @@ class WandbTracker:
         self.run.finish()
 
 
-def check_tracker(name: str) -> None:
+def check_tracker(name: TrackerName) -> None:
     """``ValueError`` for an unknown tracker or one whose library is missing (before the run writes anything)."""
     if name not in TRACKERS:
         raise ValueError(f"report_to={name!r} is not one of {', '.join(TRACKERS)}")
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
-    if module is not None:
+    if name != "none":  # each tracker is the package of its name
         import importlib.util
 
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"report_to={name} needs the {module} package: pip install {module}")
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"report_to={name} needs the {name} package: pip install {name}")
 
 
-def open_tracker(name: str, out: Path, config: dict[str, Any]) -> Tracker | None:
+def open_tracker(name: TrackerName, out: Path, config: dict[str, Any]) -> Tracker | None:
     match name:
         case "tensorboard":
             return TensorBoardTracker(out, config)
