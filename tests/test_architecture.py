@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import spra_dist
 from spra_dist import _compat
 
@@ -114,6 +116,7 @@ def test_public_api_is_unchanged():
     assert all(hasattr(spra_dist, name) for name in spra_dist.__all__)
 
 
+@pytest.mark.slow
 def test_old_import_paths_still_work_and_say_where_the_code_is():
     """Every module of the flat layout imports as the module that holds its code now, with a DeprecationWarning
     naming the new path; the paths README showed keep their names."""

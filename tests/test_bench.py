@@ -10,6 +10,7 @@ from bench import report  # noqa: E402
 from bench._worker import run  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spra", "dense_grad", "floor"])
 def test_worker_one_tiny_step(method):
     out = run(method, "smollm2", layers=1, batch=1, seq=8, steps=1, warmup=0)
@@ -51,6 +52,7 @@ def test_report_keeps_hand_written_text(tmp_path):
     assert doc.read_text() == f"# notes\n\n{report.BEGIN}\nnew table\n{report.END}\n\ntail\n"
 
 
+@pytest.mark.slow
 def test_profile_step_table_has_every_shape_and_part():
     from bench import profile_step
 

@@ -12,22 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_run import EVAL_EVERY, LOG_EVERY, STEPS
 
 from spra_dist import load_adapter
 from spra_dist.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "train" / "debug_tiny_llama.yaml"
-STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def llama_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("llama") / "run"
-    code = main(["train", "--config", str(DEBUG), f"output_dir={out}", f"max_steps={STEPS}", "log_every=2",
-                 "eval_every=3", "eval_size=32"])
-    assert code == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,35 +32,36 @@ def bert_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_train_writes_every_output(llama_run):
+def test_train_writes_every_output(tiny_run):
     for name in ("adapter/adapter.safetensors", "adapter/adapter_config.json", "metrics.jsonl", "loss.png",
                  "summary.json", "config.yaml", "base_model/config.json"):
-        assert (llama_run / name).is_file(), name
-    assert (llama_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tiny_run / name).is_file(), name
+    assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_metrics_and_summary_are_sane(llama_run):
-    records = [json.loads(line) for line in (llama_run / "metrics.jsonl").read_text().splitlines()]
+def test_metrics_and_summary_are_sane(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert (STEPS, LOG_EVERY, EVAL_EVERY) == (6, 2, 3)  # the steps below: logs at 2, 4, 6, evals at 0, 3, 6
     assert [r["step"] for r in records] == [0, 2, 3, 4, 6]
     assert {"perplexity", "eval_loss"} <= records[0].keys() and "loss" not in records[0]
     trained = [r for r in records if "loss" in r]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in trained)
     assert "perplexity" in records[2] and "perplexity" in records[-1]  # eval_every=3 and the last step
 
-    summary = json.loads((llama_run / "summary.json").read_text())
+    summary = json.loads((tiny_run / "summary.json").read_text())
     # A random model over a 259-id vocabulary starts near perplexity 259; training must lower it.
     assert 150 < summary["perplexity_before"] < 500
     assert summary["perplexity_after"] < summary["perplexity_before"]
     assert summary["perplexity_after"] == pytest.approx(records[-1]["perplexity"])
     assert summary["steps"] == STEPS and summary["wall_time_s"] > 0
-    config = json.loads((llama_run / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((tiny_run / "adapter" / "adapter_config.json").read_text())
     k_total = sum(layer["k"] for layer in config["layers"].values())
     assert summary["k_total"] == k_total == summary["trainable_parameters"]  # no dense modules here
     assert config["seed"] == 1234 == summary["mask_seed"]
 
 
-def test_inspect_prints_layers_and_totals(llama_run, capsys):
-    adapter = llama_run / "adapter"
+def test_inspect_prints_layers_and_totals(tiny_run, capsys):
+    adapter = tiny_run / "adapter"
     assert main(["inspect", str(adapter)]) == 0
     out = capsys.readouterr().out
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -83,8 +75,8 @@ def test_inspect_prints_layers_and_totals(llama_run, capsys):
     assert f"{(adapter / 'adapter.safetensors').stat().st_size:,} bytes" in out
 
 
-def _merge_and_compare(run: Path, model_class, input_ids: torch.Tensor, extra: list[str]) -> None:
-    merged = run.parent / f"{run.name}-merged"  # outside the run: merge refuses to write into it
+def _merge_and_compare(run: Path, merged: Path, model_class, input_ids: torch.Tensor, extra: list[str]) -> None:
+    """Merge ``run``'s adapter into ``merged`` (outside the run: merge refuses to write into it), compare logits."""
     assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(merged), *extra]) == 0
     with safe_open(str(merged / "model.safetensors"), "pt") as f:
         assert not any("spra" in key for key in f.keys())  # a plain HF checkpoint
@@ -99,19 +91,21 @@ def _merge_and_compare(run: Path, model_class, input_ids: torch.Tensor, extra: l
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_gives_plain_model_with_same_logits(llama_run):
+def test_merge_gives_plain_model_with_same_logits(tiny_run, tmp_path):
     from transformers import LlamaForCausalLM
 
     ids = torch.tensor([list(b"To be, or not to be")])
-    _merge_and_compare(llama_run, LlamaForCausalLM, ids, [])  # base taken from the adapter's record
+    _merge_and_compare(tiny_run, tmp_path / "merged", LlamaForCausalLM, ids, [])  # base: the adapter's record
 
 
-def test_merge_classifier_with_dense_head(bert_run):
+@pytest.mark.slow
+def test_merge_classifier_with_dense_head(bert_run, tmp_path):
     from transformers import BertForSequenceClassification
 
     ids = torch.tensor([[257, *b"abcmmmzz"]])
-    _merge_and_compare(bert_run, BertForSequenceClassification, ids, ["--base", str(bert_run / "base_model")])
-    config = json.loads((bert_run.parent / "run-merged" / "config.json").read_text())
+    _merge_and_compare(bert_run, tmp_path / "merged", BertForSequenceClassification, ids,
+                       ["--base", str(bert_run / "base_model")])
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 3
 
 
@@ -129,6 +123,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_same_cli(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "spra_dist", "train", "--config", str(DEBUG), "spra.lora_rnk=2"],

@@ -53,6 +53,7 @@ def test_a_saved_combination_loads_unchanged(expected):
     assert torch.allclose(logits(model), expected["combination"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_saved_checkpoint_resumes_to_the_same_adapter(expected, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "checkpoints", run / "checkpoints")

@@ -7,6 +7,8 @@ from tiny_models import batch, tiny_gpt2, tiny_llama
 
 from spra_dist import SpraConfig, apply_spra
 
+pytestmark = pytest.mark.slow  # torch.compile: seconds per test
+
 
 def adapted(build):
     model = apply_spra(build(), SpraConfig(lora_rank=2, seed=11))
@@ -44,7 +46,6 @@ def loss_and_grads(model, run, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.slow
 def test_compiled_matches_eager():
     """The default backend (inductor): same loss and value gradients as eager, weights untouched."""
     model = adapted(tiny_llama).train()

@@ -164,6 +164,7 @@ def test_tiny_llama_trains_under_bf16_autocast_on_cuda():
             assert torch.equal(p, frozen[n]), f"{n} changed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["none", "fsdp2"])
 def test_spra_train_runs_on_the_gpu_and_matches_the_cpu(engine, tmp_path):
     """``spra train`` puts the model, its masks and the batches on cuda:0 (nccl for fsdp2's group of one) and

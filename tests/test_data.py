@@ -287,6 +287,7 @@ def test_dataset_entries_from_yaml_and_overrides(tmp_path):
         load_config(None, ["data.datasets=[{pth: a.jsonl}]"])
 
 
+@pytest.mark.slow
 def test_dataset_processes_give_the_same_tokens(tmp_path):
     rows = [{"prompt": f"q{i}:", "completion": " a" * (i % 7 + 1)} for i in range(40)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -297,6 +298,7 @@ def test_dataset_processes_give_the_same_tokens(tmp_path):
     assert one.train.ds["input_ids"] == two.train.ds["input_ids"] and one.train.ds["labels"] == two.train.ds["labels"]
 
 
+@pytest.mark.slow
 def test_classification_label_names_reach_the_adapter_and_summary(tmp_path):
     from spra_dist.train.recipe import train
 

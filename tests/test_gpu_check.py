@@ -9,8 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
 from bench import gpu_bench, gpu_check, gpu_report
+
+pytestmark = pytest.mark.slow  # processes and the benchmark's functions
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks-gpu.md"

@@ -14,6 +14,8 @@ from tiny_models import batch, tiny_llama, tiny_tokenizer
 from spra_dist import SpraConfig, apply_spra, load_adapter
 from spra_dist.integrations.hf import SpraAdapterCallback
 
+pytestmark = pytest.mark.slow  # each test trains end to end with the HF Trainer or TRL
+
 STEPS = 8
 
 

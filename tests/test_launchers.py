@@ -34,12 +34,14 @@ def test_scripts_found():
     assert {"torchrun.sh", "accelerate.sh", "deepspeed.sh", "multinode_torchrun.sh"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_bash_syntax(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["launch/torchrun.sh", "zero9", CONFIG], "ENGINE=zero9 is not one of"),
     (["launch/torchrun.sh", "ddp", "missing.yaml"], "CONFIG missing.yaml not found"),

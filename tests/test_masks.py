@@ -52,6 +52,7 @@ def test_bad_arguments():
         sample_indices(1, "a", 10, 0)
 
 
+@pytest.mark.slow
 def test_same_indices_in_another_process_with_other_thread_count():
     code = ("import torch; torch.set_num_threads(1); from spra_dist.core.masks import sample_indices;"
             "print(sample_indices(99, 'model.layers.1.mlp.up_proj.weight', 1536 * 576, 20000).sum().item())")

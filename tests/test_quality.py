@@ -69,6 +69,7 @@ def test_smoke_study_appends_resumes_filters_and_reports(tmp_path):
     assert "run " not in out and (tmp_path / "quality.md").read_text() == md
 
 
+@pytest.mark.slow
 def test_only_refuses_a_pattern_that_matches_no_cell(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.quality", "--smoke", "--out", str(tmp_path), "--only",
                            "cls/spra_r9"], cwd=ROOT, capture_output=True, text=True)
@@ -163,6 +164,7 @@ def probe_row(arm: quality.Arm, accs: list[float]) -> list[dict]:
     return [{**fake(arm, quality.PROBE_LR, s, a), "test": None, "wall_s": 1.0} for s, a in enumerate(accs)]
 
 
+@pytest.mark.slow
 def test_probes_change_one_setting_score_on_validation_only_and_are_reported(tmp_path):
     probe = next(a for a in quality.ARMS if a.name == "spra_r4_warmup0")
     cmd = quality.command(probe, quality.FULL["cls"], quality.PROBE_LR, 1)

@@ -152,13 +152,11 @@ def test_checkpoint_rotation_removes_only_checkpoint_files(tmp_path):
 # ---- spra merge -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A run directory as ``spra train`` leaves it: adapter/, base_model/, config.yaml, summary.json."""
-    out = tmp_path_factory.mktemp("merge") / "run"
-    assert main(["train", "--config", str(ROOT / "configs/train/debug_tiny_llama.yaml"), f"output_dir={out}",
-                 "max_steps=2", "eval_size=16"]) == 0
-    return out
+@pytest.fixture
+def run(tiny_run) -> Path:
+    """A run directory as ``spra train`` leaves it: adapter/, base_model/, config.yaml, summary.json (the shared
+    one of tests/conftest.py: merge must leave it as it was)."""
+    return tiny_run
 
 
 def merge(argv: list[str], capsys) -> tuple[int, str]:
@@ -247,6 +245,7 @@ def test_packaged_base_is_recorded_by_name_and_resolved(tmp_path, capsys):
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_inspect_and_merge_do_not_import_deepspeed(run, tmp_path):
     code = (f"import sys; from spra_dist.cli import main; "
             f"assert main(['inspect', {str(run / 'adapter')!r}]) == 0; "

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import tiny_llama
+from tiny_run import STEPS, train_argv
 from tree import tree_hash
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, save_adapter
@@ -25,6 +26,7 @@ _ENGINE = """
 import torch
 torch.set_num_threads(1)  # writers are forked from this process: no thread pool may be running
 from tiny_models import tiny_llama
+from tiny_run import STEPS, train_argv
 from spra_dist import SpraConfig, apply_spra
 from spra_dist.distributed.parallelize import parallelize
 from spra_dist.core.model import trainable_parameters
@@ -116,6 +118,7 @@ def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob(".spra-*"))
 
 
+@pytest.mark.slow
 def test_file_size_limit_keeps_the_last_good_state(tmp_path):
     proc = run_script(_FILE_SIZE_LIMIT, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,42 +176,27 @@ def test_bit_flipped_adapter_is_refused_by_name(tmp_path, capsys):
     assert "adapter.safetensors does not match the sha256" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    assert main(["train", "--config", str(DEBUG), f"output_dir={out}", "max_steps=3", "checkpoint_every=1",
-                 "checkpoint_keep=3", "eval_size=16"]) == 0
-    return out
+def test_bit_flipped_checkpoint_is_refused_and_auto_resume_skips_it(tiny_run_copy):
+    run, last = tiny_run_copy, f"step-{STEPS:08d}"  # the shared run keeps a checkpoint of every step
+    flip_a_byte(run / "checkpoints" / last / "state.safetensors")
+    with pytest.raises(ValueError, match=rf"{last}/state.safetensors does not match the sha256"):
+        resolve_resume(str(run / "checkpoints" / last), run)
+    with pytest.warns(UserWarning, match=f"skipping checkpoint .*{last}"):
+        assert resolve_resume("auto", run).step == STEPS - 1  # the newest one that verifies
 
 
-def test_bit_flipped_checkpoint_is_refused_and_auto_resume_skips_it(checkpointed, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(checkpointed, run)
-    flip_a_byte(run / "checkpoints" / "step-00000003" / "state.safetensors")
-    with pytest.raises(ValueError, match=r"step-00000003/state.safetensors does not match the sha256"):
-        resolve_resume(str(run / "checkpoints" / "step-00000003"), run)
-    with pytest.warns(UserWarning, match="skipping checkpoint .*step-00000003"):
-        assert resolve_resume("auto", run).step == 2  # the newest one that verifies
-
-
-def test_a_repeated_run_does_not_overwrite_the_adapter(checkpointed, capsys):
-    before = tree_hash(checkpointed)
-    assert main(["train", "--config", str(DEBUG), f"output_dir={checkpointed}", "max_steps=3"]) == 2
+def test_a_repeated_run_does_not_overwrite_the_adapter(tiny_run_copy, capsys):
+    before = tree_hash(tiny_run_copy)
+    assert main(train_argv(tiny_run_copy)) == 2
     err = capsys.readouterr().err
     assert "already holds the adapter of an earlier run" in err and "overwrite=true" in err
-    assert tree_hash(checkpointed) == before
+    assert tree_hash(tiny_run_copy) == before
 
 
-def test_overwrite_and_resume_are_allowed(checkpointed, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(checkpointed, run)
-    assert main(["train", "--config", str(DEBUG), f"output_dir={run}", "max_steps=4", "resume=auto",
-                 "checkpoint_every=1", "eval_size=16"]) == 0
-    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 3
-    assert main(["train", "--config", str(DEBUG), f"output_dir={run}", "max_steps=2", "overwrite=true",
-                 "eval_size=16"]) == 0
+@pytest.mark.slow
+def test_overwrite_and_resume_are_allowed(tiny_run_copy):
+    run = tiny_run_copy
+    assert main(train_argv(run, steps=STEPS + 1, extra=("resume=auto",))) == 0
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == STEPS
+    assert main(train_argv(run, steps=2, extra=("overwrite=true",))) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 2

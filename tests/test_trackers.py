@@ -19,6 +19,7 @@ def train(out: Path, tracker: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tensorboard_event_file_holds_the_loss_curve(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -33,6 +34,7 @@ def test_tensorboard_event_file_holds_the_loss_curve(tmp_path):
     assert "config" in "".join(events.Tags()["tensors"])  # the run's config as text
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_values(tmp_path, monkeypatch):
     import wandb
 

@@ -36,12 +36,14 @@ def assert_all_passed(proc: subprocess.CompletedProcess) -> None:
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
 
 
+@pytest.mark.slow
 def test_cases_under_the_interpreter():
     proc = run_cases(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     assert_all_passed(proc)
     assert proc.stdout.count("max error / max |reference|") == 6  # 3 dtypes x Linear / Conv1D
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the compiled kernel runs in make gpu-check")
 def test_cases_compiled_on_cuda():
     assert_all_passed(run_cases())

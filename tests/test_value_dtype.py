@@ -3,6 +3,7 @@ bf16 values (value_dtype=auto on a bf16 base) lose them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ def drift(values: torch.Tensor, reference: torch.Tensor) -> float:
     return ((values - reference).norm() / reference.norm()).item()
 
 
+@pytest.mark.slow
 def test_fp32_values_on_a_bf16_base_keep_adams_updates():
     """On a bf16 base, values around 1e-2 and updates around 1e-4: fp32 values track exact (float64) storage
     on the same base; bf16 values (the weight's dtype) lose the updates. Against an all-fp32 run the bf16
