@@ -11,8 +11,9 @@
     comm.py       bytes handed to collectives, per operation
 """
 
-from spra_dist.distributed.fsdp import apply_fsdp2
+# Only the light modules: importing spra_dist imports this package, and FSDP2's (DTensor's) import alone takes
+# half a second, which every process of every job would pay.
 from spra_dist.distributed.group import init_distributed, shutdown, world
 from spra_dist.distributed.tensors import unwrap
 
-__all__ = ["apply_fsdp2", "init_distributed", "shutdown", "unwrap", "world"]
+__all__ = ["init_distributed", "shutdown", "unwrap", "world"]
