@@ -11,8 +11,8 @@
     comm.py       bytes handed to collectives, per operation
 """
 
-# Only the light modules: importing spra_dist imports this package, and FSDP2's (DTensor's) import alone takes
-# half a second, which every process of every job would pay.
+# Only the light modules: importing spra_dist imports this package, and FSDP2's (DTensor's) import takes half a
+# second that commands loading no model (spra inspect, the launchers' name check) need not pay.
 from spra_dist.distributed.group import init_distributed, shutdown, world
 from spra_dist.distributed.tensors import unwrap
 
