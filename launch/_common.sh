@@ -1,7 +1,7 @@
 # Sourced by launch/*.sh: process count and CPU-mode settings shared by every wrapper.
 # Not meant to be run on its own.
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"  # -P: the real checkout, also through a symlinked launch/
 
 die() { echo "error: $*" >&2; exit 2; }
 

@@ -75,10 +75,25 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """``two_ranks(engine)``: the output folder and summary of the debug config trained on 2 ranks by ``engine``,
+    run once per module and read by every test that needs that run."""
+    runs: dict[str, tuple[Path, dict]] = {}
+
+    def get(engine: str) -> tuple[Path, dict]:
+        if engine not in runs:
+            root = tmp_path_factory.mktemp(f"two_ranks_{engine}")
+            out = root / engine
+            runs[engine] = out, run_ok(out, *engine_args(engine, root), "comm_stats=true", nproc=2)
+        return runs[engine]
+
+    return get
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
-def test_two_ranks_match_one_process(engine, reference, tmp_path):
-    out = tmp_path / engine
-    summary = run_ok(out, *engine_args(engine, tmp_path), "comm_stats=true", nproc=2)
+def test_two_ranks_match_one_process(engine, reference, two_ranks):
+    out, summary = two_ranks(engine)
     assert summary["engine"] == ("deepspeed" if engine.startswith("zero") else engine)
     assert adapter_rel_diff(reference, out) < 1e-4
     k_total = summary["k_total"]
@@ -107,9 +122,8 @@ def test_one_process_runs_every_engine(engine, torchrun, reference, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_sharded_adapter_loads_in_one_process(engine, tmp_path):
-    out = tmp_path / engine
-    summary = run_ok(out, *engine_args(engine, tmp_path), nproc=2)
+def test_sharded_adapter_loads_in_one_process(engine, two_ranks):
+    out, summary = two_ranks(engine)
     cfg = load_config(DEBUG, [f"output_dir={out}", *COMMON])
     from spra_dist.train.recipe import evaluate_adapter
 

@@ -208,7 +208,7 @@ def run_blocks(blocks: list[Block]) -> list[dict]:
                 print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"{where}: `{command}` exited with {proc.returncode}")
-                results.append({"where": where, "command": command, "stdout": proc.stdout})
+                results.append({"where": where, "command": command, "stdout": proc.stdout, "stderr": proc.stderr})
         elif b.lang == "yaml":
             import yaml
 
@@ -342,10 +342,16 @@ def check_adapters(d: Path, results: list[dict]) -> None:
 
 
 def check_scale_out(d: Path, results: list[dict]) -> None:
-    for run, world_size, engine in (("ddp", 2, "ddp"), ("fsdp2", 2, "fsdp2"), ("zero3", 2, "deepspeed"),
+    """Each launch wrapper ran a 2-rank job that formed one group (the engine read from the wrapper's settings),
+    and finished cleanly: accelerate with ZeRO-3 and DeepSpeed's launcher with ZeRO-1 are the routes where a rank
+    once aborted at exit ("terminate called without an active exception"); `make stress` repeats every route."""
+    for run, world_size, engine in (("fsdp2", 2, "fsdp2"), ("zero3", 2, "deepspeed"), ("zero1", 2, "deepspeed"),
                                     ("ckpt", 1, "fsdp2")):
         summary = json.loads((d / "runs" / run / "summary.json").read_text())
         assert (summary["world_size"], summary["engine"]) == (world_size, engine), (run, summary)
+    for r in results:
+        if r.get("command", "").startswith("launch/"):
+            assert "terminate called" not in r["stderr"], r["command"]
     assert (d / "runs/ckpt/checkpoints/step-00000004").is_dir()
     for folder in ("checkpoint-1/adapter", "checkpoint-2/adapter", "adapter"):
         assert (d / "runs/hf" / folder / "adapter.safetensors").is_file(), folder

@@ -1,11 +1,12 @@
-"""The launch/ wrappers: shell syntax, argument errors, and real 2-rank runs through torchrun and accelerate.
+"""The launch/ wrappers: shell syntax and argument errors. Each wrapper's real 2-rank run is in docs/scale-out.md,
+which tests/test_docs.py runs as written (torchrun with FSDP2, accelerate with ZeRO-3, DeepSpeed's launcher with
+ZeRO-1), checking the world size, the engine and a clean exit.
 
     HF_HUB_OFFLINE=1 python -m pytest -q tests/test_launchers.py
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -53,26 +54,3 @@ def test_bash_syntax(script):
 def test_bad_arguments_exit_2_with_the_fix(args, message):
     proc = _run(args, timeout=30)
     assert proc.returncode == 2 and message in proc.stderr, (proc.returncode, proc.stderr)
-
-
-def _check_run(proc: subprocess.CompletedProcess, out: Path, *, engine: str) -> dict:
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2, summary
-    assert summary["engine"] == engine, summary
-    assert (out / "adapter" / "adapter.safetensors").is_file()
-    assert (out / "adapter" / "adapter_config.json").is_file()
-    return summary
-
-
-@pytest.mark.slow
-def test_torchrun_ddp_two_ranks(tmp_path):
-    proc = _run(["launch/torchrun.sh", "ddp", CONFIG, "max_steps=2", f"output_dir={tmp_path}"], timeout=150)
-    _check_run(proc, tmp_path, engine="ddp")
-
-
-@pytest.mark.slow
-def test_accelerate_ddp_two_ranks(tmp_path):
-    # engine is not given: spra_dist must read accelerate's environment and pick DDP over 2 ranks.
-    proc = _run(["launch/accelerate.sh", "ddp", CONFIG, "max_steps=2", f"output_dir={tmp_path}"], timeout=150)
-    _check_run(proc, tmp_path, engine="ddp")
