@@ -7,7 +7,9 @@ heading of that file.
 A page runs in a fresh directory holding symlinks to the repository's ``configs/``, ``launch/`` and ``bench/`` (what
 a reader at the repository root sees), its blocks in order, by language:
 
-- ``bash``: line by line (a line ending in ``\\`` continues on the next); each must exit 0.
+- ``bash``: line by line (a line ending in ``\\`` continues on the next); each must exit 0. A plain ``spra ...``
+  line runs ``spra_dist.cli.main`` in the page's process (the console script's function, without a new
+  interpreter's start), unless it starts a process group (``engine=`` ddp / fsdp2 / deepspeed).
 - ``python``: in one interpreter per page, like the cells of a notebook: a later block may use what an earlier one
   defined (a page says so where its blocks continue each other).
 - ``yaml``: parsed; one whose top-level keys are all training-config keys is loaded with ``load_config``.
@@ -33,6 +35,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -183,6 +186,32 @@ def _is_training_config(raw: object) -> bool:
     return isinstance(raw, dict) and bool(raw) and set(raw) <= sections
 
 
+def spra_argv(command: str) -> list[str] | None:
+    """The arguments of a plain ``spra ...`` line that runs in one process, else None (a launcher, a pipe, an
+    engine that starts a process group: those run in a shell of their own)."""
+    if not command.startswith("spra ") or any(c in command for c in "|&;<>$`"):
+        return None
+    argv = shlex.split(command, comments=True)[1:]
+    if any(a.startswith("engine=") and a != "engine=none" for a in argv):
+        return None
+    return argv
+
+
+def run_spra(argv: list[str]) -> tuple[int, str, str]:
+    """``spra ARGV`` in this process: the console script is ``spra_dist.cli:main``, so this is the command minus
+    the interpreter's start and imports, which a page's later commands would pay again (tests/test_cli.py and
+    tests/test_wheel.py start the command itself)."""
+    from spra_dist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, out)), contextlib.redirect_stderr(_Tee(sys.stderr, err)):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_blocks(blocks: list[Block]) -> list[dict]:
     """Run the blocks in this process's working directory; returns what each produced (see ``__main__``)."""
     namespace: dict = {"__name__": "__main__"}
@@ -203,12 +232,17 @@ def run_blocks(blocks: list[Block]) -> list[dict]:
         elif b.lang == "bash":
             for command in bash_commands(b.code):
                 print(f"$ {command}    # at {time.monotonic() - start:.1f} s", flush=True)
-                proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
-                                      timeout=COMMAND_TIMEOUT_S)
-                print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{where}: `{command}` exited with {proc.returncode}")
-                results.append({"where": where, "command": command, "stdout": proc.stdout, "stderr": proc.stderr})
+                argv = spra_argv(command)
+                if argv is not None:
+                    code, out, err = run_spra(argv)
+                else:
+                    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                                          timeout=COMMAND_TIMEOUT_S)
+                    code, out, err = proc.returncode, proc.stdout, proc.stderr
+                print(out[-3000:], err[-3000:], sep="\n", flush=True)
+                if code != 0:
+                    raise SystemExit(f"{where}: `{command}` exited with {code}")
+                results.append({"where": where, "command": command, "stdout": out, "stderr": err})
         elif b.lang == "yaml":
             import yaml
 
