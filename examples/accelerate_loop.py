@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spra_dist import SpraConfig, apply_spra, save_adapter, trainable_parameters
+from spra_dist.distributed.group import exit_rank
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,7 +113,12 @@ def main() -> None:
                   "mixed_precision": accelerator.mixed_precision, "losses": losses}
         (out / "report.json").write_text(json.dumps(report, indent=1))
         print(f"adapter: {out / 'adapter'}  loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    # Every file is written: a rank of a multi-process job leaves without Python's finalization, which can abort
+    # ("terminate called without an active exception") while DeepSpeed's gloo threads still run; see
+    # docs/reliability.md, "Clean exit". One process returns and exits normally.
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from tiny_models import batch, tiny_llama
 
 from spra_dist import SpraConfig, apply_spra, load_adapter, merge_adapter, save_adapter, spra_modules
-from spra_dist.distributed.group import init_distributed, shutdown, world
+from spra_dist.distributed.group import exit_rank, init_distributed, shutdown, world
 
 
 def adapted(values_seed: int):
@@ -66,6 +66,7 @@ def main(engine: str, out: str) -> None:
         Path(out).write_text(json.dumps({"world_size": world()[1], "after_load": after_load,
                                          "after_merge": after_merge, "plain_merge": merged_ref}))
     shutdown()
+    exit_rank(0)  # as spra train leaves: no interpreter finalization while DeepSpeed's gloo threads run
 
 
 if __name__ == "__main__":

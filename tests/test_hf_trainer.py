@@ -42,7 +42,7 @@ def worker(out: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
     from spra_dist import SpraConfig, apply_spra, trainable_parameters
-    from spra_dist.distributed.group import init_distributed, shutdown
+    from spra_dist.distributed.group import exit_rank, init_distributed, shutdown
     from spra_dist.integrations.hf import SpraAdapterCallback, hf_deepspeed_config
 
     rank, size = init_distributed(backend="gloo")  # before apply_spra: ranks agree on the seed and check masks
@@ -64,6 +64,7 @@ def worker(out: Path) -> None:
                   "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
         (out / "world.json").write_text(json.dumps(report))
     shutdown()
+    exit_rank(0)  # as spra train leaves: no interpreter finalization while DeepSpeed's gloo threads run
 
 
 def _full_weight_files(folder: Path) -> list[Path]:
