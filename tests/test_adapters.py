@@ -23,6 +23,7 @@ from spra_dist import (
     disable_adapter,
     list_adapters,
     load_adapter,
+    merge_adapter,
     sample_indices,
     save_adapter,
     set_adapter,
@@ -102,6 +103,21 @@ def test_named_adapters_match_the_dense_reference_and_switch_bit_exactly(two):
         assert torch.equal(logits(model, x, torch.float32), logits(base, x, torch.float32))
     assert torch.equal(logits(model, x, torch.float32), first_a)
     assert all(torch.equal(p, dict(base.named_parameters())[n]) for n, p in weights.items())
+
+
+def test_a_plain_model_has_no_adapters_and_queries_leave_it_plain():
+    """Before apply_spra and after merge_adapter a model has no adapters; asking, switching to none or disabling
+    changes nothing, and a name that isn't there is named in the error."""
+    from spra_dist.core.registry import find_registry
+
+    for model in (tiny_llama(), merge_adapter(apply_spra(tiny_llama(), SpraConfig(seed=1)))):
+        assert list_adapters(model) == [] and active_adapter(model) is None
+        set_adapter(model, None)
+        with disable_adapter(model):
+            pass
+        with pytest.raises(ValueError, match=r"no adapter named 'x'; this model has \[\]"):
+            set_adapter(model, "x")
+        assert find_registry(model) is None  # nothing attached by a question
 
 
 def test_inactive_adapters_hold_values_only_and_delete_frees_them(two):

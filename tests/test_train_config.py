@@ -129,7 +129,7 @@ def test_values_yaml_means_are_converted(override, attr, value):
     assert got == pytest.approx(value) and type(got) is type(value)
 
 
-@pytest.mark.parametrize(("override", "message"), [
+REFUSED_CONVERSIONS = [
     ("lr=true", "lr=True has the wrong type; expected float"),
     ("lora_rank=true", "spra.lora_rank=True has the wrong type; expected int"),
     ("spra.seed=false", "spra.seed=False has the wrong type; expected int"),
@@ -146,15 +146,8 @@ def test_values_yaml_means_are_converted(override, attr, value):
     ("data.datasets=[3]", "data.datasets[0]=3 has the wrong type; expected a mapping of DatasetEntry fields"),
     ("data.datasets=[{path: a, column_map: {text: 1}}]", "data.datasets[0].column_map.text=1 has the wrong type"),
     ("mixed_precision=yes", "mixed_precision='yes' is not one of auto, no, bf16"),
-])
-def test_conversions_pydantic_would_make_are_refused(override, message):
-    """pydantic's lax mode reads True as 1, "5" as 5 and 1 as True; a config value means none of these."""
-    with pytest.raises(ValueError) as err:
-        load_config(None, [override])
-    assert message in str(err.value)
-
-
-@pytest.mark.parametrize(("override", "message"), [
+]
+BOUNDS_AND_CHOICES = [
     ("checkpoint_keep=-1", "checkpoint_keep=-1 is negative; use 0 or more"),
     ("eval_generate_max_tokens=0", "eval_generate_max_tokens=0 must be a positive integer"),
     ("model.hidden_size=0", "model.hidden_size=0 must be a positive integer"),
@@ -164,8 +157,13 @@ def test_conversions_pydantic_would_make_are_refused(override, message):
      "data.datasets[0].roles_to_train='bot' is not one of system, user, assistant, tool"),
     ("data.datasets=[{path: a, type: chat, roles: {bot: [x]}}]", "data.datasets[0].roles='bot' is not one of"),
     ("data.datasets=[{path: a}, {path: b, typo: 1}]", "unknown key data.datasets[1].typo; did you mean 'type'?"),
-])
-def test_field_bounds_and_choices_name_the_dotted_key(override, message):
+]
+
+
+@pytest.mark.parametrize(("override", "message"), REFUSED_CONVERSIONS + BOUNDS_AND_CHOICES)
+def test_bad_values_name_the_dotted_key_and_what_it_takes(override, message):
+    """Bounds, choices and types; pydantic's lax mode would read True as 1, "5" as 5 and 1 as True, which a config
+    value never means, so those are refused too."""
     with pytest.raises(ValueError) as err:
         load_config(None, [override])
     assert message in str(err.value)

@@ -41,14 +41,14 @@ from spra_dist.distributed.tensors import is_sharded, unwrap
 
 
 def registry(model: nn.Module, *, create: bool = False) -> AdapterRegistry:
-    """The model's adapters; ``create``: an empty registry for a plain model (``ValueError`` otherwise)."""
+    """The model's adapters. A plain model (SpaRA never applied, or merged away) has none: an empty registry,
+    attached to it only with ``create`` (when an adapter is about to be added)."""
     model = unwrap(model)
     reg = find_registry(model)
-    if reg is None and create:
-        reg = AdapterRegistry(adapters={}, active=None)
-        attach_registry(model, reg)
     if reg is None:
-        raise ValueError(f"{type(model).__name__} has no SpaRA adapters: call apply_spra or load_adapter first")
+        reg = AdapterRegistry(adapters={}, active=None)
+        if create:
+            attach_registry(model, reg)
     return reg
 
 

@@ -70,9 +70,7 @@ def launch_modes() -> list[str]:
 
 def launch_overrides(mode: str) -> list[str]:
     """The ``spra train`` overrides that select launcher mode ``mode`` (a DeepSpeed JSON path selects DeepSpeed)."""
-    if mode.endswith(".json"):
-        return ["engine=deepspeed", f"deepspeed_config={mode}"]
-    if mode in preset_names():
+    if mode.endswith(".json") or mode in preset_names():
         return ["engine=deepspeed", f"deepspeed_config={mode}"]
     if mode in launch_modes():
         return [f"engine={mode}"]
