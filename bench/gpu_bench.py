@@ -8,8 +8,9 @@ Prints one JSON line per result, as soon as it has it (so a part stopped at its 
 Methods, on one random-init model per run (weights in bf16, each adapter in its default dtype: fp32 SpaRA values,
 fp32 PEFT adapter weights), all seven attention and MLP projections of every layer (what PEFT's all-linear picks
 on Llama): ``spra_triton`` and ``spra_sampled_addmm`` (SpaRA at the LoRA r=8 budget, its values' gradient by
-each backend, chosen with SPRA_SDDMM), PEFT LoRA r=8, PEFT SHiRA r=8, and the floor (everything frozen, input
-gradients still run back through every layer), as bench/_worker.py defines them.
+each backend, chosen with SPRA_SDDMM; masks in host memory, the default), ``spra_mask_on_gpu`` (Triton, every mask
+kept on the GPU: the cost of the per-op mask copy is the difference), PEFT LoRA r=8, PEFT SHiRA r=8, and the
+floor (everything frozen, input gradients still run back through every layer), as bench/_worker.py defines them.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ from bench._worker import TARGETS, apply_method, build_model
 from spra_dist.core.kernels.sddmm import sampled_weight_grad
 from spra_dist.core.masks import budget, sample_indices
 
-METHODS = {"spra_triton": ("spra", "triton"), "spra_sampled_addmm": ("spra", "sampled_addmm"),
-           "lora": ("lora", None), "shira": ("shira", None), "floor": ("floor", None)}
+METHODS = {"spra_triton": ("spra", "triton"), "spra_mask_on_gpu": ("spra", "triton"),
+           "spra_sampled_addmm": ("spra", "sampled_addmm"), "lora": ("lora", None), "shira": ("shira", None),
+           "floor": ("floor", None)}
+# SpaRA keeps its masks in host memory and copies one matrix's per op (the default); this one keeps them all on
+# the GPU, so the two side by side give the cost of the per-op copy and the memory it saves.
+MASK_ON_DEVICE = {"spra_mask_on_gpu"}
 # SmolLM2-135M's projections as (out, in): q and o, k and v, gate and up, down.
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 
@@ -75,6 +80,10 @@ def step_times(name: str, *, device: str, layers: int, batch: int, seq: int, ste
     with torch.device(device):
         model, vocab = build_model("smollm2", layers)
     model = apply_method(model.to(torch.bfloat16), method, TARGETS["smollm2"]).train()
+    if name in MASK_ON_DEVICE:
+        for m in model.modules():
+            if hasattr(m, "mask_residency"):
+                m.mask_residency = "device"
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import statistics
 
-LABELS = {"spra_triton": "spra_dist, Triton SDDMM", "spra_sampled_addmm": "spra_dist, sampled_addmm",
+LABELS = {"spra_triton": "spra_dist, Triton SDDMM", "spra_mask_on_gpu": "spra_dist, Triton, masks kept on the GPU",
+          "spra_sampled_addmm": "spra_dist, sampled_addmm",
           "lora": "PEFT LoRA r=8", "shira": "PEFT SHiRA r=8", "floor": "floor (all frozen)"}
 TAIL_LINES = 40
 

@@ -1,4 +1,4 @@
-"""Time and peak memory to rebuild every mask of Llama-2-7B / Llama-3-8B / Llama-3-70B shapes, no weight allocated.
+"""Time and peak memory to rebuild every mask of Llama-2-7B / Llama-3-8B / 70B / 405B shapes, no weight allocated.
 
     python -m bench.masks                 # all shapes and budgets, each in a fresh process pinned to one core
     python -m bench.masks --one llama3-8b r8
@@ -21,7 +21,7 @@ from spra_dist.core.masks import budget
 
 # (hidden, intermediate, layers, key/value width) of each model's linears.
 SHAPES = {"llama2-7b": (4096, 11008, 32, 4096), "llama3-8b": (4096, 14336, 32, 1024),
-          "llama3-70b": (8192, 28672, 80, 1024)}
+          "llama3-70b": (8192, 28672, 80, 1024), "llama3.1-405b": (16384, 53248, 126, 1024)}
 BUDGETS = {"r8": {"lora_rank": 8, "density": None}, "d1%": {"lora_rank": None, "density": 0.01}}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -104,6 +104,26 @@ def test_layer_bf16_autocast_matches_dense_float64(kind):
     assert torch.equal(layer.weight, before)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_host_kept_mask_stays_pinned_on_the_host_and_trains_like_a_gpu_kept_one(kind):
+    """Default residency: the mask stays in page-locked host memory and each op copies it; ``device`` keeps it on
+    the GPU. Outputs and gradients are identical, and only ``device`` leaves a mask in GPU memory."""
+    grads = []
+    for residency in ("host", "device"):
+        layer = cuda_layer(kind)
+        layer.mask_residency = residency
+        x = torch.randn(4, 50, 96, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().sum().backward()
+        grads.append((y.detach(), x.grad, layer.spra_values.grad))
+        kept = layer.spra_indices.device.type
+        assert kept == ("cpu" if residency == "host" else "cuda")
+        assert residency == "device" or (layer.spra_indices.is_pinned() and layer.spra_crow.is_pinned())
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not triton_available("cuda"), reason="triton is not installed (pip install -e .[gpu])")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("n_out", "n_in"), [(576, 576), (1536, 576), (576, 1536)])

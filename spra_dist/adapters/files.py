@@ -65,7 +65,7 @@ def adapter_config(model: nn.Module) -> dict:
         "format_version": 2 if any("mask" in layer for layer in layers.values()) else 1,
         "mask_version": MASK_VERSION,
         "seed": cfg.seed,
-        "spra_config": cfg.to_dict(),
+        "spra_config": cfg.adapter_dict(),
         "layers": layers,
         **({"combination": combination} if combination else {}),
         "dense_parameters": dense_shapes,

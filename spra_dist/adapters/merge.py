@@ -56,7 +56,7 @@ def _merge_sharded(m: SpraLinear) -> None:
     chunk = -(-n_rows // m.weight.device_mesh.size())
     lo = m.weight.device_mesh.get_local_rank() * chunk * n_cols
     values = full_tensor(m.spra_values)
-    idx = m.spra_indices
+    idx = m.spra_indices.to(local.device)
     mine = (idx >= lo) & (idx < lo + local.numel())
     pos = idx[mine] - lo
     put(local, pos, merged_entries(local[pos], values[mine].to(local.device)))

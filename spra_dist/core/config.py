@@ -31,6 +31,12 @@ class SpraConfig:
     """dtype of the trained values: ``float32`` (at least fp32, whatever the weight's dtype: Adam's small updates
     survive on a bf16 / fp16 base, as PEFT keeps adapters in fp32) or ``auto`` (the weight's own dtype)."""
 
+    mask_residency: str = "host"
+    """Where each layer keeps its mask (4 bytes a value; the one state that sharding cannot divide): ``host``
+    (host memory; each op copies the one matrix's mask it needs to the device, so a GPU holds one layer's mask
+    at a time) or ``device`` (on the weight's device: no copy per use, the whole model's mask on every GPU).
+    The same on a CPU; the adapter does not depend on it."""
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad value and the fix."""
         if (self.lora_rank is None) == (self.density is None):
@@ -59,6 +65,9 @@ class SpraConfig:
         if self.value_dtype not in ("float32", "auto"):
             raise ValueError(f"value_dtype={self.value_dtype!r}: use float32 (fp32 master values, the default) or "
                              f"auto (the weight's dtype)")
+        if self.mask_residency not in ("host", "device"):
+            raise ValueError(f"mask_residency={self.mask_residency!r}: use host (masks in host memory, one layer's "
+                             f"on the GPU at a time; the default) or device (every mask on the GPU)")
         if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or null, got {self.seed!r}")
 
@@ -70,6 +79,11 @@ class SpraConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def adapter_dict(self) -> dict:
+        """The settings that decide the adapter: what an adapter file records and what ranks must share
+        (where a rank keeps its masks is its own business)."""
+        return {k: v for k, v in self.to_dict().items() if k != "mask_residency"}
 
     @classmethod
     def from_dict(cls, d: dict) -> SpraConfig:

@@ -10,10 +10,13 @@ live in ``spra_dist.core.kernels`` (custom ops, so ``torch.autocast`` and ``torc
 ``nn.Linear``); the module calls one function, ``spra_linear``.
 
 The module keeps the base layer's ``weight`` and ``bias`` names, so base checkpoints load unchanged and every
-engine's hooks (FSDP2, ZeRO-3) see and gather the module's own parameters. ``spra_indices`` is a
-non-persistent buffer: it is rebuilt from the seed, never saved, and held in int32 for any matrix of fewer than
-2³¹ entries (``index_dtype``): with the mask's row pointers it is the module's only per-value state besides the
-values, 4 bytes a value (the CSR column indices are derived from it in the backward).
+engine's hooks (FSDP2, ZeRO-3) see and gather the module's own parameters. The mask (``spra_indices``, sorted
+flat indices, and ``spra_crow``, their CSR row pointers) is neither a parameter nor a buffer: it is rebuilt from
+the seed, never saved, never sent, and held in int32 for any matrix of fewer than 2³¹ entries (``index_dtype``),
+4 bytes a value. It is the one per-value state that sharding cannot divide, so where it lives is a setting
+(``SpraConfig.mask_residency``): ``host`` (default) keeps it in host memory and each op copies the one matrix's
+mask it needs to the weight's device, so an accelerator holds one layer's mask at a time; ``device`` keeps it on
+the weight's device, whole (no copy per use; the whole model's mask on every GPU). On a CPU the two are the same.
 
 A module holds one adapter at a time (``spra_dist.adapters.named`` keeps the others' values and switches them in):
 its mask is the union of one or more seeded parts ``(seed, k)`` — one for a trained adapter, several for a
@@ -23,7 +26,9 @@ the plain base layer.
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -32,6 +37,7 @@ from spra_dist.core.kernels import index_dtype, merged_entries, plain_linear, pu
 from spra_dist.core.masks import sample_indices
 
 Parts = tuple[tuple[int, int], ...]
+MASK_RESIDENCIES = ("host", "device")
 
 try:  # GPT-2 style layers keep their weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -59,6 +65,18 @@ def mask_buffers(key: str, shape: tuple[int, int], parts: Parts) -> tuple[torch.
     return mask, row_pointers(mask, *shape)
 
 
+def build_masks(requests: list[tuple[str, tuple[int, int], Parts]], *,
+                threads: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``mask_buffers`` for every ``(key, shape, parts)``, in order, on ``threads`` threads (default: the CPUs this
+    process may use). numpy's hashing and sorting release the GIL, so the masks build in parallel."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads <= 1 or len(requests) <= 1:
+        return [mask_buffers(*r) for r in requests]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda r: mask_buffers(*r), requests))
+
+
 def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
@@ -67,10 +85,13 @@ class SpraLinear(nn.Module):
     """A frozen ``nn.Linear`` / ``Conv1D`` with ``k`` trainable entries (``spra_values``) of a sparse delta.
 
     ``spra_values[j]`` is the delta at the j-th smallest flat index of ``weight`` in its stored layout;
-    the indices are ``sample_indices(seed, f"{name}.weight", weight.numel(), k)``.
+    the indices are ``sample_indices(seed, f"{name}.weight", weight.numel(), k)``. ``mask``: those indices and
+    their row pointers as ``mask_buffers`` returns them, when the caller built them already (``apply_spra`` builds
+    all masks in parallel).
     """
 
-    def __init__(self, base: nn.Module, *, name: str, k: int, seed: int, value_dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Module, *, name: str, k: int, seed: int, value_dtype: torch.dtype | None = None,
+                 mask_residency: str = "host", mask: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise TypeError(f"SpraLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
@@ -87,18 +108,20 @@ class SpraLinear(nn.Module):
         self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
         self.mask_parts: Parts = ((self.seed, self.k),) if self.k else ()
         self.merged = False
+        if mask_residency not in MASK_RESIDENCIES:
+            raise ValueError(f"mask_residency={mask_residency!r}: use one of {MASK_RESIDENCIES}")
+        self.mask_residency = mask_residency
         # value_dtype: fp32 master values on a bf16 / fp16 weight (the merged forward adds in fp32, rounds once)
         self.spra_values = nn.Parameter(torch.zeros(self.k, dtype=value_dtype or self.weight.dtype,
                                                     device=self.weight.device))
-        dtype = index_dtype(self.weight_shape[0] * self.weight_shape[1])
-        self.register_buffer("spra_indices", torch.empty(0, dtype=dtype), persistent=False)
-        # The mask's CSR row pointers for the values' gradient, built with the mask (n_rows + 1 entries).
-        self.register_buffer("spra_crow", torch.empty(0, dtype=dtype), persistent=False)
         self.register_buffer("_spra_originals", None, persistent=False)
-        self.rebuild_indices()
+        # Plain attributes, not buffers: module.to(), FSDP2, DeepSpeed and DDP's buffer broadcast leave them alone.
+        self.spra_indices, self.spra_crow = mask if mask is not None else mask_buffers(self.spra_key, self.weight_shape,
+                                                                                        self.mask_parts)
+        self._place_mask()
 
     def mask(self) -> torch.Tensor:
-        """The sorted flat indices on the CPU, rebuilt from the seed (also while the module is on meta)."""
+        """The sorted flat indices (int64, on the CPU), rebuilt from the seed."""
         return union_mask(self.spra_key, self.weight_shape, self.mask_parts)
 
     @property
@@ -114,7 +137,7 @@ class SpraLinear(nn.Module):
         self.mask_parts = tuple((int(s), int(k)) for s, k in parts)
         if values is None:
             self.k, self.seed = 0, None
-            empty = torch.empty(0, dtype=self.spra_indices.dtype, device=self.weight.device)
+            empty = torch.empty(0, dtype=self.spra_indices.dtype)
             self.spra_indices, self.spra_crow = empty, empty
             return
         self.seed = self.mask_parts[0][0]
@@ -123,30 +146,52 @@ class SpraLinear(nn.Module):
         assert values.numel() == self.k, f"{self.spra_key}: {values.numel()} values for a mask of {self.k}"
 
     def rebuild_indices(self) -> None:
-        """Recompute the mask from the seed (after ``to_empty`` or on a new device)."""
-        device = self.weight.device
-        target = "meta" if device.type == "meta" else device
-        mask, crow = mask_buffers(self.spra_key, self.weight_shape, self.mask_parts)
-        self.spra_indices, self.spra_crow = mask.to(target), crow.to(target)
+        """Recompute the mask from the seed."""
+        self.spra_indices, self.spra_crow = mask_buffers(self.spra_key, self.weight_shape, self.mask_parts)
+        self._place_mask()
+
+    def _place_mask(self) -> None:
+        """Host residency: page-locked host memory when CUDA is present (so the per-use copy is asynchronous);
+        device residency: the weight's device (meta stays on the host: a meta mask would be lost)."""
+        if self.mask_residency == "host":
+            if torch.cuda.is_available() and not self.spra_indices.is_pinned():
+                self.spra_indices, self.spra_crow = self.spra_indices.pin_memory(), self.spra_crow.pin_memory()
+        else:
+            self._mask_on(self.weight.device)
+
+    def _mask_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask for an op on ``device``: the host copy under host residency (each op copies what it needs),
+        moved there once and kept under device residency."""
+        if self.mask_residency == "device" and device.type != "meta" and self.spra_indices.device != device:
+            self.spra_indices, self.spra_crow = self.spra_indices.to(device), self.spra_crow.to(device)
+        return self.spra_indices, self.spra_crow
+
+    def mask_bytes(self) -> dict[str, int]:
+        """Bytes of this matrix's mask: ``device`` kept on the accelerator, ``host`` kept in host memory, and
+        ``transient``, brought to the device for one op and freed after it (host residency)."""
+        size = self.spra_indices.nbytes + self.spra_crow.nbytes
+        if self.mask_residency == "device":
+            return {"device": size, "host": 0, "transient": 0}
+        return {"device": 0, "host": size, "transient": size}
 
     @torch.no_grad()
     def reset_spra_parameters(self) -> None:
-        """Zero delta and a fresh mask: the state right after ``apply_spra``, for a model built on meta."""
-        self.rebuild_indices()
+        """Zero delta: the state right after ``apply_spra``, for a model built on meta and materialised. The mask
+        lives outside the parameters, so ``to_empty`` left it intact."""
         self.spra_values.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.spra_values is None:
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
-        return spra_linear(x, self.weight, self.bias, self.spra_values, self.spra_indices, transposed=self.transposed,
-                           crow=self.spra_crow)
+        indices, crow = self._mask_on(self.weight.device)
+        return spra_linear(x, self.weight, self.bias, self.spra_values, indices, transposed=self.transposed, crow=crow)
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense delta (for inspection and tests; training never builds it)."""
         dtype = self.weight.dtype if self.spra_values is None else self.spra_values.dtype
         delta = torch.zeros(self.weight.numel(), dtype=dtype, device=self.weight.device)
         if self.spra_values is not None:
-            delta[self.spra_indices] = self.spra_values.detach()
+            delta[self.spra_indices.to(delta.device)] = self.spra_values.detach()
         return delta.view_as(self.weight)
 
     @torch.no_grad()
@@ -154,15 +199,16 @@ class SpraLinear(nn.Module):
         """Fold the delta into ``weight``; ``unmerge`` restores the original entries exactly."""
         if self.merged or self.spra_values is None:
             return
-        self._spra_originals = self.weight.view(-1).index_select(0, self.spra_indices)
-        put(self.weight.view(-1), self.spra_indices, merged_entries(self._spra_originals, self.spra_values))
+        indices = self.spra_indices.to(self.weight.device)
+        self._spra_originals = self.weight.view(-1).index_select(0, indices)
+        put(self.weight.view(-1), indices, merged_entries(self._spra_originals, self.spra_values))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        put(self.weight.view(-1), self.spra_indices, self._spra_originals)
+        put(self.weight.view(-1), self.spra_indices.to(self.weight.device), self._spra_originals)
         self._spra_originals = None
         self.merged = False
 

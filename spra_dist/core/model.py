@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spra_dist.core.config import SpraConfig
-from spra_dist.core.layer import SpraLinear, is_conv1d
+from spra_dist.core.layer import SpraLinear, build_masks, is_conv1d
 from spra_dist.core.masks import budget
 from spra_dist.core.registry import DEFAULT_NAME, AdapterRegistry, NamedAdapter, attach_registry
 from spra_dist.distributed.agreement import agree_seed, check_masks
@@ -107,20 +107,22 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
     dense = _dense_module_names(model, cfg.trainable_modules)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in targets:
-        base = model.get_submodule(name)
-        k = budget(tuple(base.weight.shape), lora_rank=cfg.lora_rank, density=cfg.density)
-        replace_module(model, name, SpraLinear(base, name=name, k=k, seed=cfg.seed,
-                                               value_dtype=cfg.values_dtype_for(base.weight.dtype)))
+    bases = [model.get_submodule(name) for name in targets]
+    shapes = [tuple(base.weight.shape) for base in bases]
+    ks = [budget(shape, lora_rank=cfg.lora_rank, density=cfg.density) for shape in shapes]
+    masks = build_masks([(f"{n}.weight", s, ((cfg.seed, k),)) for n, s, k in zip(targets, shapes, ks, strict=True)])
+    for name, base, k, mask in zip(targets, bases, ks, masks, strict=True):
+        replace_module(model, name, SpraLinear(base, name=name, k=k, seed=cfg.seed, mask=mask,
+                                               value_dtype=cfg.values_dtype_for(base.weight.dtype),
+                                               mask_residency=cfg.mask_residency))
     for name in dense:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     trained = {n: None for n in dense_parameter_names(model)}
     attach_registry(model, AdapterRegistry(adapters={DEFAULT_NAME: NamedAdapter(config=cfg, dense=dict(trained))},
                                            active=DEFAULT_NAME, base_dense=dict(trained)))
-    entries = [(m.spra_key, m.weight_shape, m.mask() if m.spra_indices.is_meta else m.spra_indices)
-               for _, m in spra_modules(model)]
-    check_masks(entries, config=requested.to_dict(), group=group)
+    entries = [(m.spra_key, m.weight_shape, m.spra_indices) for _, m in spra_modules(model)]
+    check_masks(entries, config=requested.adapter_dict(), group=group)
     return model
 
 
@@ -156,7 +158,8 @@ def dense_parameter_names(model: nn.Module) -> list[str]:
 
 def reset_spra_parameters(model: nn.Module) -> None:
     """After a model built on the meta device is materialised (``to_empty``, then the base weights loaded):
-    rebuild every mask from the seed and zero every delta. Works on FSDP2-sharded modules too.
+    zero every delta (the masks live outside the parameters: ``to_empty`` leaves them). Works on FSDP2-sharded
+    modules too.
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

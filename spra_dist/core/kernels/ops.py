@@ -7,7 +7,9 @@ structure built inside the values' gradient causes no graph break):
 - ``spra_dist::input_grad``   ``dX = dY @ (W + δ)`` (``dY @ (W + δ)ᵀ`` for Conv1D), in ``dY``'s dtype;
 - ``spra_dist::values_grad``  the sampled product at the k positions, summed in fp32, in the values' dtype.
 
-``W + δ`` exists only inside an op: the k merged entries are written into the frozen weight and the originals
+Each op takes the layer's mask wherever the layer keeps it (host memory by default) and copies it to the
+weight's device for its own use, so the autograd context holds the kept copy and no device-side mask outlives an
+op. ``W + δ`` exists only inside an op: the k merged entries are written into the frozen weight and the originals
 written back before the op returns, so from outside the weight never changes (no op declares a mutation).
 
 Mixed precision is handled in ``spra_linear``, the one function the layer calls: under ``torch.autocast`` the
@@ -38,10 +40,18 @@ def _out_features(weight: Tensor, transposed: bool) -> int:
 def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, indices: Tensor,  # noqa: UP045
               crow: Optional[Tensor], transposed: bool) -> Tensor:  # noqa: UP045
     """``x @ (W + δ)ᵀ + b`` in ``x``'s dtype (the merged weight and the bias are cast to it when they differ)."""
+    indices = to_device(indices, weight)
     with torch.autocast(x.device.type, enabled=False), MergedWeight(weight, indices, values):
         w = weight.to(x.dtype)  # the merged weight itself when the dtypes agree: used inside the block only
         b = None if bias is None else bias.to(x.dtype)
         return plain_linear(x, w, b, transposed=transposed)
+
+
+def to_device(mask: Tensor, like: Tensor) -> Tensor:
+    """A layer's mask where ``like`` lives. A mask kept in host memory is copied for this op alone and freed
+    after it (asynchronously from page-locked memory), so a device holds one matrix's mask at a time; the
+    autograd context keeps the host copy, not this one."""
+    return mask if mask.device == like.device else mask.to(like.device, non_blocking=True)
 
 
 def plain_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> Tensor:
@@ -63,6 +73,7 @@ def _linear_fake(x, weight, bias, values, indices, crow, transposed):
 def input_grad_op(grad_out: Tensor, weight: Tensor, values: Tensor, indices: Tensor, transposed: bool) -> Tensor:
     """``dX = dY @ (W + δ)`` for Linear's (out, in) weight, ``dY @ (W + δ)ᵀ`` for Conv1D's (in, out)."""
     dy = grad_out.reshape(-1, grad_out.shape[-1])
+    indices = to_device(indices, weight)
     with torch.autocast(grad_out.device.type, enabled=False), MergedWeight(weight, indices, values):
         w = weight.to(dy.dtype)
         dx = dy @ (w.t() if transposed else w)
@@ -81,6 +92,7 @@ def values_grad_op(x: Tensor, grad_out: Tensor, indices: Tensor, crow: Optional[
     """The weight gradient at the k flat ``indices`` (SDDMM, summed in fp32), returned in ``dtype``. ``crow``:
     the mask's CSR row pointers when the layer cached them."""
     x2d, dy2d = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    indices, crow = to_device(indices, x), None if crow is None else to_device(crow, x)
     with torch.autocast(x.device.type, enabled=False):
         return sampled_weight_grad(x2d, dy2d, indices, transposed=transposed, crow=crow, x=x).to(dtype)
 
@@ -104,12 +116,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
     grad_x = grad_bias = grad_values = None
+    indices = to_device(ctx.indices, grad_out)  # one copy of a host-kept mask for both gradients
     if ctx.needs_input_grad[0]:
-        grad_x = input_grad_op(grad_out, ctx.weight, ctx.values, ctx.indices, ctx.transposed)
+        grad_x = input_grad_op(grad_out, ctx.weight, ctx.values, indices, ctx.transposed)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
     if ctx.needs_input_grad[3]:
-        grad_values = values_grad_op(x, grad_out, ctx.indices, ctx.crow, ctx.transposed, ctx.values.dtype)
+        grad_values = values_grad_op(x, grad_out, indices, ctx.crow, ctx.transposed, ctx.values.dtype)
     return grad_x, None, grad_bias, grad_values, None, None, None
 
 
