@@ -98,3 +98,15 @@ def test_residency_is_a_setting_of_the_rank_not_of_the_adapter(tmp_path):
 
     saved = json.loads((save_adapter(model, tmp_path / "a") / "adapter_config.json").read_text())
     assert "mask_residency" not in saved["spra_config"]
+
+
+def test_mask_threads_share_the_node_with_the_other_ranks(monkeypatch):
+    from spra_dist.core.masks import host_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert host_threads() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert host_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert host_threads() == 1

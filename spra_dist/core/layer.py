@@ -26,7 +26,6 @@ the plain base layer.
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from spra_dist.core.kernels import index_dtype, merged_entries, plain_linear, put, row_pointers, spra_linear
-from spra_dist.core.masks import sample_indices
+from spra_dist.core.masks import host_threads, sample_indices
 
 Parts = tuple[tuple[int, int], ...]
 MASK_RESIDENCIES = ("host", "device")
@@ -67,10 +66,10 @@ def mask_buffers(key: str, shape: tuple[int, int], parts: Parts) -> tuple[torch.
 
 def build_masks(requests: list[tuple[str, tuple[int, int], Parts]], *,
                 threads: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``mask_buffers`` for every ``(key, shape, parts)``, in order, on ``threads`` threads (default: the CPUs this
-    process may use). numpy's hashing and sorting release the GIL, so the masks build in parallel."""
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """``mask_buffers`` for every ``(key, shape, parts)``, in order, on ``threads`` threads (default: this rank's
+    share of the node's CPUs, ``host_threads``). numpy's hashing and sorting release the GIL, so the masks build in
+    parallel."""
+    threads = threads or host_threads()
     if threads <= 1 or len(requests) <= 1:
         return [mask_buffers(*r) for r in requests]
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -150,6 +150,13 @@ def sample_indices(seed: int, key: str, numel: int, k: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def host_threads() -> int:
+    """Threads for building and hashing masks: this process's CPUs, shared with the other ranks on the node
+    (``LOCAL_WORLD_SIZE``, which torchrun, deepspeed and accelerate set), at least one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def budget(shape: tuple[int, ...], *, lora_rank: int | None, density: float | None) -> int:
     """Trainable entries for a 2-D weight: ``r * (n_in + n_out)`` capped at numel, or ``density * numel``."""
     numel = int(np.prod(shape))
@@ -172,7 +179,7 @@ def fingerprint(entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor]], *,
     entries = list(entries)
     h = hashlib.blake2b(digest_size=8)
     h.update(f"v{MASK_VERSION}|{config}|{len(entries)}".encode())
-    workers = threads or min(len(entries), os.cpu_count() or 1)
+    workers = threads or host_threads()
     if workers > 1 and len(entries) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             digests = list(pool.map(lambda e: _matrix_digest(*e), entries))
