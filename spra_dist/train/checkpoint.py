@@ -22,6 +22,7 @@ from torch import nn
 from spra_dist.core.model import trainable_parameters
 from spra_dist.distributed.engines import ADAM_KEYS
 from spra_dist.distributed.group import on_rank0, world
+from spra_dist.distributed.loading import LoadPlan
 from spra_dist.utils.atomic import atomic_files, read_verified_json, remove_files, sha256_file, write_safetensors
 
 FORMAT = "spra_dist.checkpoint"
@@ -98,8 +99,9 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Checkpoint | N
     return read_checkpoint(resume)
 
 
-def load_values(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Copy the checkpoint's values into the plain (not yet wrapped) model's trainable parameters."""
+def load_values(model: nn.Module, ckpt: Checkpoint, *, plan: LoadPlan | None = None) -> None:
+    """Copy the checkpoint's values into the plain (not yet wrapped) model's trainable parameters, or, for a model
+    built on the meta device, into ``plan``, which writes them when the engine loads the base."""
     params = dict(trainable_parameters(model))
     missing = sorted(set(params) - set(ckpt.tensors))
     if missing:
@@ -110,7 +112,10 @@ def load_values(model: nn.Module, ckpt: Checkpoint) -> None:
             if value.shape != p.shape:
                 raise ValueError(f"checkpoint {ckpt.path}: {name} has shape {list(value.shape)}, the model "
                                  f"{list(p.shape)}: it belongs to another model or spra config")
-            p.copy_(value.to(p.dtype))
+            if plan is not None:
+                plan.initial[name] = value.to(p.dtype)
+            else:
+                p.copy_(value.to(p.dtype))
     torch.set_rng_state(ckpt.tensors[RNG_KEY])
 
 

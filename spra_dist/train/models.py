@@ -2,13 +2,17 @@
 
     built = build_model(cfg.model, seed=cfg.seed)   # built.model, built.codec, built.from_config
 
+A saved model under an engine that shards the base (``meta=True``: FSDP2, ZeRO-3) is built on the meta device
+from its config alone; ``built.base`` names its files, which each rank reads after sharding
+(spra_dist.distributed.loading). Without sharding every rank loads the whole base with ``from_pretrained``.
+
 Tiny models (tiny_llama, tiny_gpt2, tiny_bert) use a byte-level vocabulary (256 bytes + pad/bos/eos), so
 they need no tokenizer file; their random init is seeded by the training seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +20,7 @@ from torch import nn
 
 from spra_dist.data.codec import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB, ByteCodec, Codec, HFCodec
 from spra_dist.demos.packaged import minilm_dir, smollm2_dir
+from spra_dist.distributed.loading import BaseCheckpoint, initial_values
 from spra_dist.train.schema import MODEL_SOURCES, ModelConfig
 
 
@@ -33,9 +38,19 @@ class BuiltModel:
     tokenizer: object | None = None
     """The transformers tokenizer, if any (saved next to merged models)."""
 
+    base: BaseCheckpoint | None = None
+    """The saved weights still to load, when the model was built on the meta device; None when they are loaded."""
 
-def build_model(cfg: ModelConfig, *, seed: int) -> BuiltModel:
-    """Build the base model named by ``cfg.source``; ``seed`` fixes any random init (heads, tiny models)."""
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With ``base``: the values ``from_pretrained`` would give the parameters the base lacks (a new task head),
+    drawn at the same point of the random stream."""
+
+
+def build_model(cfg: ModelConfig, *, seed: int, meta: bool = False) -> BuiltModel:
+    """Build the base model named by ``cfg.source``; ``seed`` fixes any random init (heads, tiny models).
+
+    ``meta``: build a saved model on the meta device and leave its weights in ``built.base``, for an engine that
+    shards the base and loads each rank's part (tiny models are random inits, built whole as always)."""
     torch.manual_seed(seed)
     dtype = getattr(torch, cfg.dtype)
     match cfg.source:
@@ -43,11 +58,11 @@ def build_model(cfg: ModelConfig, *, seed: int) -> BuiltModel:
             built = BuiltModel(_tiny_model(cfg), ByteCodec(), from_config=True)
             built.model.to(dtype)
         case "minilm":
-            built = _pretrained(minilm_dir(), cfg, dtype)
+            built = _pretrained(minilm_dir(), cfg, dtype, meta=meta)
         case "smollm2":
-            built = _pretrained(smollm2_dir(), cfg, dtype)
+            built = _pretrained(smollm2_dir(), cfg, dtype, meta=meta)
         case "hf":
-            built = _pretrained(Path(cfg.name_or_path), cfg, dtype)
+            built = _pretrained(Path(cfg.name_or_path), cfg, dtype, meta=meta)
         case _:
             raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     model = built.model
@@ -109,18 +124,36 @@ def _tiny_model(cfg: ModelConfig) -> nn.Module:
     return cls(config)
 
 
-def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> BuiltModel:
+def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype, *, meta: bool) -> BuiltModel:
     import transformers as tf
 
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json; point model.name_or_path at a "
                          "directory written by save_pretrained")
-    if cfg.task == "classification":
-        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, dtype=dtype)
+    auto = tf.AutoModelForSequenceClassification if cfg.task == "classification" else tf.AutoModelForCausalLM
+    labels = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
+    base, initial = None, {}
+    if meta:
+        model = _on_meta(auto, path, dtype, labels)
+        base = BaseCheckpoint.open(path)
+        initial = initial_values(model, base)  # here, where from_pretrained draws them: the random stream matches
     else:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = auto.from_pretrained(path, dtype=dtype, **labels)
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     if model.config.pad_token_id is None:
         # Decoder classifiers find the last real token through pad_token_id; LMs only need it for batching.
         model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    return BuiltModel(model, HFCodec(tokenizer), from_config=False, tokenizer=tokenizer)
+    return BuiltModel(model, HFCodec(tokenizer), from_config=False, tokenizer=tokenizer, base=base, initial=initial)
+
+
+def _on_meta(auto, path: Path, dtype: torch.dtype, labels: dict) -> nn.Module:
+    """The model ``auto.from_pretrained`` builds, on the meta device and without its weights: the same config,
+    generation config and eval mode."""
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(path, **labels)
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    if model.can_generate() and (path / "generation_config.json").is_file():
+        model.generation_config = tf.GenerationConfig.from_pretrained(path)
+    return model.eval()

@@ -33,7 +33,8 @@ from spra_dist.distributed.devices import backend_for, collective_device, train_
 from spra_dist.distributed.engines import Engine, check_batch_split, resolve_engine, resolve_mixed_precision
 from spra_dist.distributed.faults import explain, forget_monitor_group, is_collective_failure, make_monitor_group
 from spra_dist.distributed.group import init_distributed, launched_world_size, on_rank0, shutdown, world
-from spra_dist.distributed.parallelize import parallelize
+from spra_dist.distributed.loading import LoadPlan, plan_load
+from spra_dist.distributed.parallelize import parallelize, shards_base
 from spra_dist.train.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
 from spra_dist.train.config import TrainConfig, to_dict
 from spra_dist.train.eval import evaluate, generate_eval
@@ -89,11 +90,13 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
     started = time.perf_counter()
     ckpt = resolve_resume(cfg.resume, out)
 
-    built = build_model(cfg.model, seed=cfg.seed)
+    # fsdp2 and ZeRO-3 shard the base: build it on the meta device, and let each rank load only what it keeps.
+    preset = load_deepspeed_config(cfg.deepspeed_config) if engine_name == "deepspeed" else None
+    built = build_model(cfg.model, seed=cfg.seed, meta=shards_base(engine_name, preset))
     check_targets(built.model, cfg.spra)
     splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec, num_labels=cfg.model.num_labels,
                         timeout_s=cfg.dist_timeout_s)
-    if cfg.data.sample_packing:
+    if cfg.data.sample_packing and built.base is None:
         check_packing(built.model)
     # Nothing is written before this point, so a mistake in the config or the data leaves no partial run.
     if built.from_config:
@@ -101,11 +104,18 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
         built.model.config._name_or_path = str((out / "base_model").resolve())  # adapters name a base that exists
     spra_cfg = cfg.spra if ckpt is None else dataclasses.replace(cfg.spra, seed=ckpt.meta["mask_seed"])
     model = apply_spra(built.model, spra_cfg)
+    # Built on meta: every tensor is matched to the base's now (a missing one fails before the run writes anything);
+    # the engine loads each rank's part after sharding.
+    plan = plan_load(model, built.base, initial=built.initial, device=device) if built.base is not None else None
     if ckpt is not None:
-        load_values(model, ckpt)
-    model.to(device)  # masks and values with it; batches follow the model's device in the engine
+        load_values(model, ckpt, plan=plan)
+    if plan is None:
+        model.to(device)  # masks and values with it; batches follow the model's device in the engine
     on_rank0(lambda: save_run_config(cfg, model, out / "config.yaml"))
-    engine = wrap_model(model, cfg, engine_name=engine_name, mixed_precision=mixed_precision, counter=counter)
+    engine = wrap_model(model, cfg, engine_name=engine_name, mixed_precision=mixed_precision, counter=counter,
+                        plan=plan)
+    if cfg.data.sample_packing and plan is not None:
+        check_packing(engine.model)  # it runs the model, so on a sharded base only now (a forward on every rank)
     start = 0 if ckpt is None else ckpt.step
     if ckpt is not None:
         engine.prime(micro_batches(splits, cfg, step=start, pad_id=built.codec.pad_id))
@@ -152,9 +162,10 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, *, engine_name: str, mixed_precision: str,
-               counter: CommCounter | None = None) -> Engine:
+               counter: CommCounter | None = None, plan: LoadPlan | None = None) -> Engine:
     """The adapted, unwrapped model handed to its engine (``parallelize``), with this config's optimizer,
-    schedule and, for DeepSpeed, the preset filled from this config."""
+    schedule and, for DeepSpeed, the preset filled from this config. ``plan``: the model was built on the meta
+    device, and the engine loads this base after sharding it."""
     ds_config = None
     if engine_name == "deepspeed":
         ds_config = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), batch_size=cfg.batch_size,
@@ -162,7 +173,7 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, *, engine_name: str, mixed_pr
                                           max_grad_norm=cfg.max_grad_norm, mixed_precision=mixed_precision)
     engine = parallelize(model, engine=engine_name, mixed_precision=mixed_precision, deepspeed_config=ds_config,
                          make_optimizer=lambda m: build_optimizer(m, cfg),
-                         make_scheduler=lambda o: build_schedule(o, cfg))
+                         make_scheduler=lambda o: build_schedule(o, cfg), plan=plan)
     if counter is not None and engine_name == "ddp":
         count_ddp(engine.runner)
     return engine
