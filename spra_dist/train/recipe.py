@@ -111,11 +111,12 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
         load_values(model, ckpt, plan=plan)
     if plan is None:
         model.to(device)  # masks and values with it; batches follow the model's device in the engine
-    on_rank0(lambda: save_run_config(cfg, model, out / "config.yaml"))
     engine = wrap_model(model, cfg, engine_name=engine_name, mixed_precision=mixed_precision, counter=counter,
                         plan=plan)
     if cfg.data.sample_packing and plan is not None:
         check_packing(engine.model)  # it runs the model, so on a sharded base only now (a forward on every rank)
+    # After the load and the packing check: a base that fails either leaves no config behind.
+    on_rank0(lambda: save_run_config(cfg, model, out / "config.yaml"))
     start = 0 if ckpt is None else ckpt.step
     if ckpt is not None:
         engine.prime(micro_batches(splits, cfg, step=start, pad_id=built.codec.pad_id))
