@@ -24,7 +24,7 @@ setup: $(VENV)/.done
 $(VENV)/.done: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(PIP) -e .[dev,deepspeed,gpu]
+	$(PIP) -e .[dev,deepspeed,gpu,quant]
 	$(PIP) --no-deps $(OFFLINE)
 	# Two JIT builds of ~50 s on one core each, side by side: the opt-in CPU kernel, and DeepSpeed's CPU
 	# shared-memory collectives, which every DeepSpeed run on CPU builds first. Neither fails setup.

@@ -22,13 +22,13 @@ from spra_dist.adapters.named import (
 from spra_dist.core.config import SpraConfig
 from spra_dist.core.layer import SpraLinear
 from spra_dist.core.masks import MASK_VERSION, sample_indices
-from spra_dist.core.model import apply_spra, spra_modules, trainable_parameters
+from spra_dist.core.model import apply_spra, quantize_targets, spra_modules, trainable_parameters
 
 __version__ = "0.1.0"
 __all__ = [
     "MASK_VERSION", "SpraConfig", "SpraLinear", "active_adapter", "apply_spra", "combine_adapters", "delete_adapter",
-    "disable_adapter", "list_adapters", "load_adapter", "merge_adapter", "sample_indices", "save_adapter",
-    "set_adapter", "spra_modules", "trainable_parameters",
+    "disable_adapter", "list_adapters", "load_adapter", "merge_adapter", "quantize_targets", "sample_indices",
+    "save_adapter", "set_adapter", "spra_modules", "trainable_parameters",
 ]
 
 _compat.install()

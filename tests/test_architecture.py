@@ -111,8 +111,8 @@ def test_only_the_registry_keeps_state_on_a_model():
 def test_public_api_is_unchanged():
     assert sorted(spra_dist.__all__) == [
         "MASK_VERSION", "SpraConfig", "SpraLinear", "active_adapter", "apply_spra", "combine_adapters",
-        "delete_adapter", "disable_adapter", "list_adapters", "load_adapter", "merge_adapter", "sample_indices",
-        "save_adapter", "set_adapter", "spra_modules", "trainable_parameters"]
+        "delete_adapter", "disable_adapter", "list_adapters", "load_adapter", "merge_adapter", "quantize_targets",
+        "sample_indices", "save_adapter", "set_adapter", "spra_modules", "trainable_parameters"]
     assert all(hasattr(spra_dist, name) for name in spra_dist.__all__)
 
 

@@ -23,6 +23,7 @@ from spra_dist.core.config import SpraConfig
 from spra_dist.core.layer import union_mask
 from spra_dist.core.masks import MASK_VERSION, SUPPORTED_MASK_VERSIONS
 from spra_dist.core.model import apply_spra, dense_parameter_names, spra_layers, spra_modules
+from spra_dist.core.quantized import describe
 from spra_dist.core.registry import DEFAULT_NAME, NamedAdapter, find_registry, spra_config
 from spra_dist.distributed.group import on_rank0
 from spra_dist.distributed.tensors import full_tensor, global_shape, is_sharded, set_full, unwrap
@@ -72,6 +73,7 @@ def adapter_config(model: nn.Module) -> dict:
         "dtype": str(mods[0][1].spra_values.dtype).removeprefix("torch.") if mods else None,
         "total_k": sum(m.k for _, m in mods),
         "base_model": base_model_info(model),
+        "base_quantization": describe(mods[0][1].weight) if mods else None,
     }
 
 

@@ -34,6 +34,14 @@ from torch import nn
 
 from spra_dist.core.kernels import index_dtype, merged_entries, plain_linear, put, row_pointers, spra_linear
 from spra_dist.core.masks import host_threads, sample_indices
+from spra_dist.core.quantized import (
+    compute_dtype,
+    logical_shape,
+    merged_dense,
+    quantization_of,
+    quantized_plain_linear,
+    quantized_spra_linear,
+)
 
 Parts = tuple[tuple[int, int], ...]
 MASK_RESIDENCIES = ("host", "device")
@@ -100,8 +108,9 @@ class SpraLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        # Kept because ZeRO-3 replaces a partitioned weight's data with an empty tensor between uses.
-        self.weight_shape = tuple(self.weight.shape)
+        # Kept because ZeRO-3 replaces a partitioned weight's data with an empty tensor between uses (and a
+        # bitsandbytes 4-bit weight is stored as a packed column).
+        self.weight_shape = logical_shape(self.weight)
         n_rows, n_cols = self.weight_shape
         self.in_features, self.out_features = (n_rows, n_cols) if self.transposed else (n_cols, n_rows)
         self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
@@ -179,25 +188,40 @@ class SpraLinear(nn.Module):
         lives outside the parameters, so ``to_empty`` left it intact."""
         self.spra_values.zero_()
 
+    @property
+    def quantization(self) -> str | None:
+        """How the frozen weight is stored: None (dense), ``nf4`` (torchao), ``bnb-nf4`` / ``bnb-fp4``
+        (bitsandbytes 4-bit); see ``spra_dist.core.quantized``."""
+        return quantization_of(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = self.quantization is not None
         if self.merged or self.spra_values is None:
+            if quantized:
+                return quantized_plain_linear(x, self.weight, self.bias)
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
         indices, crow = self._mask_on(self.weight.device)
+        if quantized:
+            return quantized_spra_linear(x, self.weight, self.bias, self.spra_values, indices, crow=crow)
         return spra_linear(x, self.weight, self.bias, self.spra_values, indices, transposed=self.transposed, crow=crow)
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense delta (for inspection and tests; training never builds it)."""
-        dtype = self.weight.dtype if self.spra_values is None else self.spra_values.dtype
-        delta = torch.zeros(self.weight.numel(), dtype=dtype, device=self.weight.device)
+        dtype = compute_dtype(self.weight) if self.spra_values is None else self.spra_values.dtype
+        delta = torch.zeros(self.weight_shape[0] * self.weight_shape[1], dtype=dtype, device=self.weight.device)
         if self.spra_values is not None:
             delta[self.spra_indices.to(delta.device)] = self.spra_values.detach()
-        return delta.view_as(self.weight)
+        return delta.view(self.weight_shape)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into ``weight``; ``unmerge`` restores the original entries exactly."""
         if self.merged or self.spra_values is None:
             return
+        if self.quantization is not None:
+            raise ValueError(f"{self.spra_key} is held in {self.quantization}, which is never written: merge the "
+                             f"adapter with merge_adapter(model) (or spra merge), which writes dequant(W) + delta "
+                             f"in the compute dtype")
         indices = self.spra_indices.to(self.weight.device)
         self._spra_originals = self.weight.view(-1).index_select(0, indices)
         put(self.weight.view(-1), indices, merged_entries(self._spra_originals, self.spra_values))
@@ -212,7 +236,11 @@ class SpraLinear(nn.Module):
         self.merged = False
 
     def to_plain(self) -> nn.Module:
-        """A plain ``nn.Linear`` / ``Conv1D`` sharing this module's (merged) weight and bias."""
+        """A plain ``nn.Linear`` / ``Conv1D`` sharing this module's (merged) weight and bias. Over a quantized
+        weight: a dense one holding dequant(W) + delta, added in fp32 and rounded once to the compute dtype
+        (never requantized)."""
+        if self.quantization is not None:
+            self._densify()
         self.merge()
         with torch.device("meta"):  # the new module's own weight is replaced at once: don't allocate it
             if self.transposed:
@@ -222,6 +250,15 @@ class SpraLinear(nn.Module):
         plain.weight = self.weight
         plain.bias = self.bias
         return plain
+
+    @torch.no_grad()
+    def _densify(self) -> None:
+        """Replace the packed weight with dequant(W) + delta (the adapter folded in; no adapter stays active)."""
+        values = self.spra_values if self.active else None
+        indices = self.spra_indices.to(self.weight.device)
+        dense = merged_dense(self.weight, indices, values, torch.float32).to(compute_dtype(self.weight))
+        self.weight = nn.Parameter(dense, requires_grad=False)
+        self.spra_values = None
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"

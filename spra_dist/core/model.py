@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from spra_dist.core.config import SpraConfig
 from spra_dist.core.layer import SpraLinear, build_masks, is_conv1d
 from spra_dist.core.masks import budget
+from spra_dist.core.quantized import check_quantizable, compute_dtype, logical_shape, to_nf4
 from spra_dist.core.registry import DEFAULT_NAME, AdapterRegistry, NamedAdapter, attach_registry
 from spra_dist.distributed.agreement import agree_seed, check_masks
 
@@ -76,11 +78,12 @@ def _example_linear_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})[:8]
 
 
-def check_targets(model: nn.Module, cfg: SpraConfig) -> None:
-    """The errors ``apply_spra(model, cfg)`` would raise for the config and its module names, without
-    changing the model: for callers that must fail before they write anything."""
+def check_targets(model: nn.Module, cfg: SpraConfig, *, quantize_base: str = "none") -> None:
+    """The errors ``apply_spra(model, cfg)`` (and ``quantize_targets(model, quantize_base)`` after it) would raise
+    for the config and its module names, without changing the model: for callers that must fail before they
+    write anything."""
     cfg.validate()
-    select_targets(model, cfg)
+    check_quantizable({name: model.get_submodule(name) for name in select_targets(model, cfg)}, quantize_base)
     _dense_module_names(model, cfg.trainable_modules)
 
 
@@ -108,12 +111,12 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
     for p in model.parameters():
         p.requires_grad_(False)
     bases = [model.get_submodule(name) for name in targets]
-    shapes = [tuple(base.weight.shape) for base in bases]
+    shapes = [logical_shape(base.weight) for base in bases]
     ks = [budget(shape, lora_rank=cfg.lora_rank, density=cfg.density) for shape in shapes]
     masks = build_masks([(f"{n}.weight", s, ((cfg.seed, k),)) for n, s, k in zip(targets, shapes, ks, strict=True)])
     for name, base, k, mask in zip(targets, bases, ks, masks, strict=True):
         replace_module(model, name, SpraLinear(base, name=name, k=k, seed=cfg.seed, mask=mask,
-                                               value_dtype=cfg.values_dtype_for(base.weight.dtype),
+                                               value_dtype=cfg.values_dtype_for(compute_dtype(base.weight)),
                                                mask_residency=cfg.mask_residency))
     for name in dense:
         for p in model.get_submodule(name).parameters():
@@ -124,6 +127,20 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
     entries = [(m.spra_key, m.weight_shape, m.spra_indices) for _, m in spra_modules(model)]
     check_masks(entries, config=requested.adapter_dict(), group=group)
     return model
+
+
+@torch.no_grad()
+def quantize_targets(model: nn.Module, kind: str) -> int:
+    """Pack the frozen weight of every SpraLinear of ``model`` in ``kind`` (``nf4``); the rest (embeddings,
+    norms, the output head, linears left out of the targets) stays in its dtype. On the meta device it gives the
+    packed shapes, which ``spra_dist.distributed.loading`` fills. Returns the number of matrices packed."""
+    layers = {m.spra_key: m for m in model.modules() if isinstance(m, SpraLinear)}
+    check_quantizable(layers, kind)
+    if kind == "none":
+        return 0
+    for m in layers.values():
+        m.weight = nn.Parameter(to_nf4(m.weight), requires_grad=False)
+    return len(layers)
 
 
 def _dense_module_names(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from spra_dist.core.quantized import check_engine
 from spra_dist.distributed.devices import collective_device
 
 DEFAULT_MP = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -47,6 +48,7 @@ def apply_fsdp2(model: nn.Module, *, mesh: DeviceMesh | None = None,
     gradient-reduction dtypes.
     """
     mesh = mesh or default_mesh()
+    check_engine(model, engine="fsdp2", world_size=mesh.size())  # a bitsandbytes base, NF4 rows that won't split
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy

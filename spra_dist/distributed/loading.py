@@ -39,6 +39,7 @@ from torch import nn
 
 from spra_dist.core.layer import SpraLinear
 from spra_dist.core.model import dense_parameter_names, reset_spra_parameters
+from spra_dist.core.quantized import fill_nf4_rows, is_nf4
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -219,6 +220,11 @@ def _fill(plan: LoadPlan, name: str, out: torch.Tensor, rows: tuple[int, int] | 
     if name in plan.initial:
         value = plan.initial[name]
         out.copy_(value[rows[0]:rows[1]] if rows else value)
+    elif name in plan.keys and is_nf4(out):  # packed from the whole matrix: one matrix in flight, as bf16
+        key = plan.keys[name]
+        full = torch.empty(plan.base.shapes[key], dtype=out.dtype, device=plan.device)
+        plan.base.read_into(full, key)
+        fill_nf4_rows(out, full, rows)
     elif name in plan.keys:
         plan.base.read_into(out, plan.keys[name], rows)
 

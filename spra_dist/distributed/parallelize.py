@@ -14,9 +14,11 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from spra_dist.core.quantized import check_engine
 from spra_dist.core.registry import find_registry
 from spra_dist.distributed.deepspeed import build_deepspeed_engine, preset_names
 from spra_dist.distributed.engines import ENGINES, Engine, TorchEngine
@@ -49,6 +51,9 @@ def parallelize(model: nn.Module, *, engine: str, mixed_precision: str, make_opt
     if plan is not None and not shards_base(engine, deepspeed_config):
         raise ValueError(f"engine={engine!r} keeps the whole base on every rank: build the model with its weights "
                          f"(build_model(meta=False)); loading after sharding is for fsdp2 and ZeRO-3")
+    stage = (deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    check_engine(model, engine=engine, zero_stage=stage, world_size=world_size)  # a quantized base it can't hold
     if engine == "deepspeed":
         if deepspeed_config is None:
             raise ValueError("engine=deepspeed needs its filled config (fill_deepspeed_config)")

@@ -45,7 +45,11 @@ def is_sharded(p: torch.Tensor) -> bool:
 
 
 def global_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's full shape (a ZeRO-3 partition's own shape is empty between uses)."""
+    """The parameter's full shape (a ZeRO-3 partition's own shape is empty between uses; a bitsandbytes 4-bit
+    weight is stored as a packed column)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and type(p).__name__ == "Params4bit":
+        return tuple(state.shape)
     return tuple(getattr(p, "ds_shape", None) or p.shape)
 
 

@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from spra_dist.adapters.files import load_adapter, save_adapter
-from spra_dist.core.model import apply_spra, check_targets, spra_modules, trainable_parameters
+from spra_dist.core.model import apply_spra, check_targets, quantize_targets, spra_modules, trainable_parameters
+from spra_dist.core.quantized import check_quantize_engine
 from spra_dist.core.registry import spra_config
 from spra_dist.data.build import DataSplits, build_data
 from spra_dist.data.packing import check_packing
@@ -59,6 +60,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = train_device(cfg.device)
     if engine_name == "deepspeed":
         load_deepspeed_config(cfg.deepspeed_config)  # a bad preset fails here, before a group or a write
+    check_quantize_engine(cfg.model.quantize_base, engine=engine_name)
     # ddp / fsdp2 / deepspeed need a process group, also for one process (a single GPU, a config tried out).
     rank, world_size = init_distributed(backend=backend_for(device), timeout_s=cfg.dist_timeout_s,
                                         group=engine_name != "none")
@@ -93,7 +95,7 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
     # fsdp2 and ZeRO-3 shard the base: build it on the meta device, and let each rank load only what it keeps.
     preset = load_deepspeed_config(cfg.deepspeed_config) if engine_name == "deepspeed" else None
     built = build_model(cfg.model, seed=cfg.seed, meta=shards_base(engine_name, preset))
-    check_targets(built.model, cfg.spra)
+    check_targets(built.model, cfg.spra, quantize_base=cfg.model.quantize_base)
     splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec, num_labels=cfg.model.num_labels,
                         timeout_s=cfg.dist_timeout_s)
     if cfg.data.sample_packing and built.base is None:
@@ -104,6 +106,7 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
         built.model.config._name_or_path = str((out / "base_model").resolve())  # adapters name a base that exists
     spra_cfg = cfg.spra if ckpt is None else dataclasses.replace(cfg.spra, seed=ckpt.meta["mask_seed"])
     model = apply_spra(built.model, spra_cfg)
+    quantize_targets(model, cfg.model.quantize_base)  # on meta too: the packed shapes, filled as each rank loads
     # Built on meta: every tensor is matched to the base's now (a missing one fails before the run writes anything);
     # the engine loads each rank's part after sharding.
     plan = plan_load(model, built.base, initial=built.initial, device=device) if built.base is not None else None

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BeforeValidator, ConfigDict, NonNegativeInt, PositiveInt
 
 from spra_dist.core.config import SpraConfig
+from spra_dist.core.quantized import QuantizeBase
 from spra_dist.data.config import DATA_TYPES, DataConfig
 from spra_dist.distributed.devices import Device
 from spra_dist.distributed.engines import EngineName, MixedPrecision
@@ -59,6 +60,12 @@ class ModelConfig:
 
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (transformers' gradient checkpointing)."""
+
+    quantize_base: QuantizeBase = "none"
+    """none, or nf4: hold the adapted linears' frozen weights in 4-bit NormalFloat (torchao's NF4, as QLoRA),
+    about 0.27x the bytes of bf16; the trained values stay in spra.value_dtype and embeddings, norms and the output
+    head stay in dtype. Runs under none, ddp and fsdp2 (which all-gathers the packed weights); a merge writes
+    dequant(W) + delta in dtype, never requantized."""
 
     hidden_size: PositiveInt = 64
     """Tiny models only: width of the residual stream."""
