@@ -56,6 +56,10 @@ TRAIN_OVERRIDES = [
     ("text path is a folder", ["data.source=text_file", "data.path=/"], ["data.path='/' is a directory"]),
     ("no eval data", ["eval_size=0"], ["gave 512 train / 0 eval examples"]),
     ("resume from nothing", ["resume=/no/such/checkpoint"], ["/no/such/checkpoint/trainer_state.json not found"]),
+    ("unknown quantize_base", ["quantize_base=nf8"], ["quantize_base='nf8' is not one of", "nf4"]),
+    ("NF4 under DeepSpeed", ["quantize_base=nf4", "engine=deepspeed", "deepspeed_config=zero2"],
+     ["quantize_base=nf4 runs under engine none, ddp or fsdp2"]),
+    ("NF4 of a GPT-2 Conv1D", ["quantize_base=nf4", "model.source=tiny_gpt2"], ["Conv1D", "quantize_base=none"]),
 ]
 
 

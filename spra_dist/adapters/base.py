@@ -46,14 +46,22 @@ def base_model_info(model: nn.Module) -> dict:
     """
     config = getattr(model, "config", None)
     if config is None:
-        return {"name_or_path": None, "class": type(model).__name__, "config": None, "config_fingerprint": None}
+        return {"name_or_path": None, "class": model_class_name(model), "config": None, "config_fingerprint": None}
     d = json.loads(json.dumps(config.to_dict(), default=str))
     path = getattr(config, "_name_or_path", None) or None
     name = packaged_name(path) or path
     if "_name_or_path" in d:
         d["_name_or_path"] = name  # the same portable name inside the recorded config
-    return {"name_or_path": name, "class": type(model).__name__, "config": d,
+    return {"name_or_path": name, "class": model_class_name(model), "config": d,
             "config_fingerprint": config_fingerprint(d)}
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass named ``FSDP<class>``, which no loader
+    knows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
 
 
 def config_differences(recorded: dict, found: dict) -> list[str]:

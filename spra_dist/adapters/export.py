@@ -74,8 +74,12 @@ def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str |
 
 def rebuild_quantized_base(model, record: dict) -> None:
     """Give each adapted matrix of the unquantized ``model`` the weight the adapter was trained on, dequant(quant(W))
-    as ``record`` says, in its dtype (the whole model too): the merge then writes dequant(W) + Δ, never requantized."""
-    model.to(getattr(torch, record["dtype"]))
+    as ``record`` says, in its dtype (every other weight too, the trained values aside): the merge then writes
+    dequant(W) + Δ, never requantized."""
+    dtype = getattr(torch, record["dtype"])
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not name.endswith("spra_values"):  # values stay fp32 until they are added
+            p.data = p.data.to(dtype)
     for _, m in spra_layers(model):
         m.weight = nn.Parameter(roundtrip(m.weight, record), requires_grad=False)
 

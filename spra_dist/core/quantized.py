@@ -257,8 +257,19 @@ def fill_nf4_rows(out: Tensor, full: Tensor, rows: tuple[int, int] | None) -> No
     start, stop = rows or (0, n)
     for attr in ("quantized_data", "quantized_scalers", "quantization_factor"):
         getattr(out, attr).copy_(getattr(packed, attr).view(n, -1)[start:stop].reshape(-1))
-    out.scaler_mean = packed.scaler_mean.to(out.quantized_data.device)
-    out.nf4 = packed.nf4.to(out.quantized_data.device)
+    # In place: FSDP2 keeps its own wrappers of these tensors (sharing their storage), which must see the values.
+    out.scaler_mean.copy_(packed.scaler_mean)
+    out.nf4.copy_(packed.nf4)
+
+
+def nf4_on_meta_for(weight: Tensor, device: torch.device) -> Tensor:
+    """A meta NF4 ``weight`` (``quantize_targets`` on a meta model) whose two unsharded parts, the mean scale and the
+    16-value codebook, live on ``device`` already: ``to_empty`` materialises only the sharded parts, so these must be
+    real before sharding for ``fill_nf4_rows`` to write them where every FSDP2 wrapper of the shard reads them."""
+    parts = _nf4_module()
+    return parts.NF4Tensor(*parts.construct_nf4_args(weight, {
+        "scaler_mean": torch.zeros((), dtype=weight.scaler_mean.dtype, device=device),
+        "nf4": torch.zeros(weight.nf4.shape, dtype=weight.nf4.dtype, device=device)}))
 
 
 def describe(weight: Tensor) -> dict | None:

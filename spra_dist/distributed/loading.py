@@ -39,7 +39,7 @@ from torch import nn
 
 from spra_dist.core.layer import SpraLinear
 from spra_dist.core.model import dense_parameter_names, reset_spra_parameters
-from spra_dist.core.quantized import fill_nf4_rows, is_nf4
+from spra_dist.core.quantized import fill_nf4_rows, is_nf4, nf4_on_meta_for
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -103,6 +103,7 @@ def plan_load(model: nn.Module, base: BaseCheckpoint, *, initial: dict[str, torc
     parameters the base lacks unless they are trained (``spra.trainable_modules``, with a value in ``initial``),
     or a tensor whose shape differs."""
     keys = _match(model, base)
+    _place_nf4_metadata(model, device)
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for name, key in keys.items():
         shape = list(tensors[name].shape)
@@ -117,6 +118,12 @@ def plan_load(model: nn.Module, base: BaseCheckpoint, *, initial: dict[str, torc
                          f"{lacking[:4]}; point model.name_or_path at the checkpoint of this architecture, or train "
                          f"a new module such as a task head densely (spra.trainable_modules)")
     return LoadPlan(base, keys, dict(initial), device)
+
+
+def _place_nf4_metadata(model: nn.Module, device: torch.device) -> None:
+    for m in model.modules():
+        if isinstance(m, SpraLinear) and is_nf4(m.weight) and m.weight.device.type == "meta":
+            m.weight = nn.Parameter(nf4_on_meta_for(m.weight, device), requires_grad=False)
 
 
 def initial_values(model: nn.Module, base: BaseCheckpoint) -> dict[str, torch.Tensor]:
