@@ -260,3 +260,29 @@ def test_resume_on_two_ranks_then_one_process(saved_base, one_process, tmp_path)
     resumed = trained(out, *on_base(saved_base), "engine=none", "resume=auto")
     assert resumed["resumed_from_step"] == 2
     assert rel_diff(ref, out) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_base_saved_quantized_is_refused_before_anything_is_written(tmp_path, capsys):
+    """spra train on a checkpoint saved with bitsandbytes 4-bit: packing it again, or sharding it under FSDP2, gets one
+    error line and exit 2, and no output directory."""
+    pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
+    import transformers as tf
+    from tiny_models import tiny_tokenizer
+
+    from spra_dist.cli import main
+
+    config = tf.LlamaConfig(**{**LLAMA, "hidden_size": 64, "intermediate_size": 128}, pad_token_id=0)
+    tf.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    q4 = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16)
+    tf.AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=q4,
+                                            dtype=torch.bfloat16).save_pretrained(tmp_path / "q4")
+    tiny_tokenizer().save_pretrained(tmp_path / "q4")
+    capsys.readouterr()
+    for extra, words in ((["quantize_base=nf4"], "already quantized"), (["engine=fsdp2"], "set quantize_base=nf4")):
+        out = tmp_path / "out"
+        code = main(["train", "--config", DEBUG, f"output_dir={out}", "model.source=hf",
+                     f"model.name_or_path={tmp_path / 'q4'}", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and err.startswith("error: "), err
+        assert not out.exists()

@@ -11,8 +11,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from spra_dist.core.model import spra_layers
+from spra_dist.core.quantized import roundtrip
 from spra_dist.demos.packaged import PACKAGED, packaged_name
 from spra_dist.distributed.tensors import global_shape
 
@@ -128,3 +131,18 @@ def resolve_base(name_or_path: str, *, adapter: Path) -> str:
         return name_or_path
     raise ValueError(f"adapter {adapter} was trained on base {name_or_path!r}, which does not exist on this "
                      f"machine; pass --base <directory of that model>")
+
+
+def rebuild_quantized_base(model: nn.Module, record: dict | None) -> None:
+    """Give each adapted matrix of the unquantized ``model`` the weight the adapter was trained on, dequant(quant(W))
+    as ``record`` (its ``base_quantization``; None: nothing to do) says, in its dtype (every other weight too, the
+    trained values aside). A merge then writes dequant(W) + Δ, never requantized; evaluation and generation run the
+    model the adapter was trained as."""
+    if not record:
+        return
+    dtype = getattr(torch, record["dtype"])
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not name.endswith("spra_values"):  # values stay fp32 until they are added
+            p.data = p.data.to(dtype)
+    for _, m in spra_layers(model):
+        m.weight = nn.Parameter(roundtrip(m.weight, record), requires_grad=False)

@@ -19,15 +19,10 @@ import os
 import re
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from spra_dist.adapters.base import check_base_config, expected_base, resolve_base
+from spra_dist.adapters.base import check_base_config, expected_base, rebuild_quantized_base, resolve_base
 from spra_dist.adapters.files import load_adapter, read_adapter_config
 from spra_dist.adapters.merge import merge_adapter
 from spra_dist.adapters.named import combine_adapters, set_adapter
-from spra_dist.core.model import spra_layers
-from spra_dist.core.quantized import roundtrip
 from spra_dist.utils.atomic import atomic_files
 
 # Files that ``spra train`` or the HF Trainer callback write beside an adapter: their folder is a run.
@@ -58,8 +53,7 @@ def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str |
             load_adapter(model, d, adapter_name=name)
         combine_adapters(model, dict(zip(names, weights, strict=True)), name="merged")
         set_adapter(model, "merged")
-    if config.get("base_quantization"):
-        rebuild_quantized_base(model, config["base_quantization"])
+    rebuild_quantized_base(model, config.get("base_quantization"))
     merge_adapter(model)
     with atomic_files(out) as tmp:
         with _no_deepspeed_probe(), _write_errors_as_os_errors(out):
@@ -70,18 +64,6 @@ def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str |
             raise ValueError(f"--out {out} already holds {', '.join(clashes[:4])}, which the merged model would "
                              f"replace; pass --overwrite to replace them, or choose an empty directory")
     return out
-
-
-def rebuild_quantized_base(model, record: dict) -> None:
-    """Give each adapted matrix of the unquantized ``model`` the weight the adapter was trained on, dequant(quant(W))
-    as ``record`` says, in its dtype (every other weight too, the trained values aside): the merge then writes
-    dequant(W) + Δ, never requantized."""
-    dtype = getattr(torch, record["dtype"])
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not name.endswith("spra_values"):  # values stay fp32 until they are added
-            p.data = p.data.to(dtype)
-    for _, m in spra_layers(model):
-        m.weight = nn.Parameter(roundtrip(m.weight, record), requires_grad=False)
 
 
 def _check_weights(weights: list[float] | None, n: int) -> list[float]:

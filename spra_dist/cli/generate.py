@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from spra_dist.adapters.base import resolve_base
+from spra_dist.adapters.base import rebuild_quantized_base, resolve_base
 from spra_dist.adapters.export import load_base
 from spra_dist.adapters.files import load_adapter, read_adapter_config
 from spra_dist.data.codec import BYTE_VOCAB, ByteCodec, Codec, HFCodec
@@ -70,5 +70,6 @@ def generate(adapter_dir: str | Path, prompt: str, *, base: str | None = None, m
     if compare:
         results["base"] = complete(model, codec, ids, max_new_tokens=max_new_tokens)
     load_adapter(model, adapter_dir)
+    rebuild_quantized_base(model, config.get("base_quantization"))  # the base it was trained on, dequantized
     results["adapter"] = complete(model, codec, ids, max_new_tokens=max_new_tokens)
     return results

@@ -102,6 +102,9 @@ class SpraLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise TypeError(f"SpraLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+        if quantization_of(base.weight) == "bnb-int8":
+            raise ValueError(f"{name} is a bitsandbytes 8-bit weight, which SpaRA does not read; load the base in "
+                             f"4-bit (BitsAndBytesConfig(load_in_4bit=True)) or unquantized with quantize_base=nf4")
         self.transposed = is_conv1d(base)
         self.weight = base.weight
         self.bias = base.bias

@@ -12,6 +12,7 @@ they need no tokenizer file; their random init is seeded by the training seed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,7 @@ def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype, *, meta: bool)
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json; point model.name_or_path at a "
                          "directory written by save_pretrained")
+    _check_prequantized(path, cfg, meta=meta)
     auto = tf.AutoModelForSequenceClassification if cfg.task == "classification" else tf.AutoModelForCausalLM
     labels = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
     base, initial = None, {}
@@ -144,6 +146,22 @@ def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype, *, meta: bool)
         # Decoder classifiers find the last real token through pad_token_id; LMs only need it for batching.
         model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return BuiltModel(model, HFCodec(tokenizer), from_config=False, tokenizer=tokenizer, base=base, initial=initial)
+
+
+def _check_prequantized(path: Path, cfg: ModelConfig, *, meta: bool) -> None:
+    """A checkpoint saved quantized (its config.json has a quantization_config, e.g. bitsandbytes 4-bit) cannot be
+    packed again, nor built on meta and sharded: say so before anything is loaded."""
+    method = (json.loads((path / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+    if not method:
+        return
+    if cfg.quantize_base != "none":
+        raise ValueError(f"quantize_base={cfg.quantize_base} on a base that is already quantized ({path} was saved "
+                         f"with {method}); point model.name_or_path at the unquantized model, or set "
+                         f"quantize_base=none")
+    if meta:
+        raise ValueError(f"{path} was saved quantized ({method}), which FSDP2 and ZeRO-3 cannot shard; point "
+                         f"model.name_or_path at the unquantized model and set quantize_base=nf4, or use engine none, "
+                         f"ddp or DeepSpeed ZeRO-1/2")
 
 
 def _on_meta(auto, path: Path, dtype: torch.dtype, labels: dict) -> nn.Module:

@@ -21,7 +21,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from spra_dist.adapters.files import load_adapter, save_adapter
+from spra_dist.adapters.base import rebuild_quantized_base
+from spra_dist.adapters.files import load_adapter, read_adapter_config, save_adapter
 from spra_dist.core.model import apply_spra, check_targets, quantize_targets, spra_modules, trainable_parameters
 from spra_dist.core.quantized import check_quantize_engine
 from spra_dist.core.registry import spra_config
@@ -317,6 +318,7 @@ def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | 
     built = build_model(cfg.model, seed=cfg.seed)
     model = type(built.model).from_pretrained(base_dir)
     load_adapter(model, adapter_dir)
+    rebuild_quantized_base(model, read_adapter_config(adapter_dir)[0].get("base_quantization"))
     splits = build_data(cfg.data, task=cfg.model.task, codec=built.codec, num_labels=cfg.model.num_labels)
     return evaluate(model, splits.eval, task=cfg.model.task, pad_id=built.codec.pad_id,
                     batch_size=cfg.eval_batch_size)
