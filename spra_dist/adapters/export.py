@@ -108,8 +108,10 @@ def load_base(adapter_config: dict, base: str, *, adapter: Path):
                          f"{expected_base(adapter_config)}: pass --base <local directory of that model>") from None
     check_base_config(adapter_config, json.loads(json.dumps(found.to_dict(), default=str)), adapter=adapter,
                       base=base)
-    # The stored config (not the base directory's) carries what training changed, e.g. num_labels of a head.
-    hf_config = transformers.AutoConfig.for_model(**stored)
+    # The stored config (not the base directory's) carries what training changed, e.g. num_labels of a head; not
+    # the quantization a base trained in bitsandbytes 4-bit was loaded with: the merge loads it unquantized and
+    # rebuilds dequant(quant(W)) from base_quantization, never writing packed weights.
+    hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in stored.items() if k != "quantization_config"})
     # The class the adapter was trained on (config.architectures may still name the base's own class).
     architecture = recorded.get("class") or (hf_config.architectures or [None])[0]
     hf_config.architectures = [architecture]
