@@ -138,7 +138,7 @@ def test_trl_sft_trainer_trains_and_saves_the_adapter(base, tmp_path):
                      learning_rate=3e-2, warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
                      disable_tqdm=True, seed=0, dataset_num_proc=None)
     # The Trainer takes a 4-bit model only with trainable adapters attached (apply_spra marks them); TRL then casts
-    # a 4-bit model's trainable parameters to bf16 (QLoRA's recipe), the values included.
+    # a 4-bit model's trainable parameters to bf16 (QLoRA's recipe), and the callback gives the values back fp32.
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts * 4}),
                          processing_class=AutoTokenizer.from_pretrained(base), callbacks=[SpraAdapterCallback()])
     trainer.train()
@@ -148,6 +148,7 @@ def test_trl_sft_trainer_trains_and_saves_the_adapter(base, tmp_path):
     assert sorted(moved) == sorted(before), "values that did not train"
     config, saved = read_adapter(tmp_path / "adapter")
     assert config["base_quantization"]["method"] == "bnb-nf4"
+    assert all(m.spra_values.dtype == torch.float32 for _, m in spra_modules(model))  # fp32 master values
     for name, m in spra_modules(model):
         assert torch.equal(saved[f"{name}.spra_values"].float(), m.spra_values.detach().float()), name
 

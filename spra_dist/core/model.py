@@ -126,11 +126,6 @@ def apply_spra(model: nn.Module, cfg: SpraConfig, *, group: dist.ProcessGroup | 
                                            active=DEFAULT_NAME, base_dense=dict(trained)))
     entries = [(m.spra_key, m.weight_shape, m.spra_indices) for _, m in spra_modules(model)]
     check_masks(entries, config=requested.adapter_dict(), group=group)
-    if getattr(model, "hf_quantizer", None) is not None:
-        # transformers' Trainer (and TRL's) refuses a quantized model unless trainable adapters are attached, which
-        # it learns from this flag (PEFT's add_adapter sets it): the k values are such adapters. The flag also sends
-        # model.save_pretrained down PEFT's path, which a 4-bit model with SpaRA never took: save_adapter saves it.
-        model._hf_peft_config_loaded = True
     return model
 
 

@@ -57,6 +57,11 @@ def find_registry(model: nn.Module) -> AdapterRegistry | None:
 
 def attach_registry(model: nn.Module, registry: AdapterRegistry) -> None:
     model.__dict__[_ATTRIBUTE] = registry
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers' Trainer (and TRL's) refuses a quantized model unless trainable adapters are attached, which
+        # it learns from this flag (PEFT's add_adapter sets it): the k values are such adapters. Save with
+        # save_adapter: the flag sends the model's own save_pretrained down PEFT's path.
+        model._hf_peft_config_loaded = True
 
 
 def detach_registry(model: nn.Module) -> None:

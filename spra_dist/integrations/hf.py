@@ -28,12 +28,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from spra_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from spra_dist.core.model import spra_modules
+from spra_dist.core.quantized import compute_dtype
 from spra_dist.core.registry import spra_config
 from spra_dist.distributed.deepspeed import load_deepspeed_config
-from spra_dist.distributed.tensors import unwrap
+from spra_dist.distributed.tensors import is_sharded, unwrap
 from spra_dist.utils.atomic import remove_files
 
 ADAPTER_DIR = "adapter"
@@ -78,6 +81,7 @@ class SpraAdapterCallback(TrainerCallback):
         if model is None or not _has_spra(model):
             raise ValueError("SpraAdapterCallback needs a model passed through apply_spra (or load_adapter) "
                              "before Trainer(model=...)")
+        _restore_value_dtype(model)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._save_instead_of_trainer(args, state, control, kwargs["model"])
@@ -103,6 +107,19 @@ class SpraAdapterCallback(TrainerCallback):
         if args.should_save:  # the process that writes files (rank 0, or each node's rank 0 if save_on_each_node)
             state.save_to_json(str(folder / "trainer_state.json"))
             _rotate(Path(args.output_dir), keep=args.save_total_limit)
+
+
+def _restore_value_dtype(model: nn.Module) -> None:
+    """Give the values back the dtype the adapter's config sets (fp32 by default): TRL casts every trainable
+    parameter of a 4-bit model to bf16 (QLoRA's recipe for LoRA), and Adam's small updates then vanish in the values'
+    rounding. The optimizer holds the same parameter objects, and its state is created at the first step."""
+    model = unwrap(model)
+    cfg = spra_config(model)
+    for _, m in spra_modules(model):
+        want = cfg.values_dtype_for(compute_dtype(m.weight))
+        p = m.spra_values
+        if p.dtype != want and not is_sharded(p):
+            p.data = p.data.to(want)
 
 
 def _has_spra(model) -> bool:
