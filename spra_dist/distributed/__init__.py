@@ -9,6 +9,7 @@
     fsdp.py       apply_fsdp2 for your own loop
     faults.py     a failed collective becomes an error that names the lost rank
     comm.py       bytes handed to collectives, per operation
+    sync.py       weight sync to rollout processes: the k values per step, rebuilt into W + delta there
 """
 
 # Only the light modules: importing spra_dist imports this package, and FSDP2's (DTensor's) import takes half a

@@ -68,10 +68,15 @@ class SpraAdapterCallback(TrainerCallback):
     ``adapter_only=False``: the Trainer's full checkpoints, each with an ``adapter/`` inside.
     At the end of training the adapter also goes to ``<output_dir>/adapter/``.
     Every rank runs the callbacks, which the gather under FSDP / ZeRO-3 needs; rank 0 writes.
+
+    Under TRL with ``use_vllm=True`` it refuses to start unless the trainer sends vLLM the merged weights
+    (``spra_dist.integrations.trl.SpraGRPOTrainer`` does, and sets ``vllm_gets_merged_weights``): TRL's own sync
+    would push the frozen base weights, and the adapter would never reach the rollouts.
     """
 
     def __init__(self, *, adapter_only: bool = True) -> None:
         self.adapter_only = adapter_only
+        self.vllm_gets_merged_weights = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.adapter_only and args.load_best_model_at_end:
@@ -81,6 +86,11 @@ class SpraAdapterCallback(TrainerCallback):
         if model is None or not _has_spra(model):
             raise ValueError("SpraAdapterCallback needs a model passed through apply_spra (or load_adapter) "
                              "before Trainer(model=...)")
+        if getattr(args, "use_vllm", False) and not self.vllm_gets_merged_weights:
+            raise ValueError("use_vllm=True with a SpaRA model: TRL's trainer pushes model.named_parameters() to "
+                             "vLLM, the frozen base weights (and the k values under names vLLM has no parameter "
+                             "for), so the adapter never reaches the rollouts. Use "
+                             "spra_dist.integrations.trl.SpraGRPOTrainer, which sends W + delta, or use_vllm=False")
         _restore_value_dtype(model)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
