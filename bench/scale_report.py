@@ -1,5 +1,6 @@
 """The tables ``python -m bench.scale`` prints (markdown, as docs/scale.md keeps them): memory per GPU of SpaRA and
-PEFT LoRA under FSDP2 from the simulated rows, the mask state, a closed-form ZeRO-3 estimate and SpaRA's start-up.
+PEFT LoRA under FSDP2 from the simulated rows, SpaRA over an NF4 base beside a bf16 one, the mask state, a
+closed-form ZeRO-3 estimate and SpaRA's start-up.
 """
 
 from __future__ import annotations
@@ -28,12 +29,47 @@ def peak(row: dict, ckpt: bool) -> int:
     return row["ckpt" if ckpt else "no_ckpt"]["Total"] + row["mask_device"] + row["mask_transient_peak"]
 
 
+def dense_base(rows: list[dict]) -> list[dict]:
+    """The rows over an unquantized (bf16) base: the ones the method tables and ZeRO-3 compare."""
+    return [r for r in rows if r.get("quantize_base", "none") == "none"]
+
+
 def _pairs(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """{(model, r, world, rank): {method: row}}, in the order the rows came."""
     out: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         out.setdefault((r["model"], r["lora_rank"], r["world"], r["rank"]), {})[r["method"]] = r
     return out
+
+
+def nf4_table(rows: list[dict]) -> list[str]:
+    """SpaRA over an NF4 base beside SpaRA over the bf16 base, per (model, r), world size and rank."""
+    spra = [r for r in rows if r["method"] == "spra"]
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in spra:
+        cells.setdefault((r["model"], r["lora_rank"], r["world"], r["rank"]), {})[r["quantize_base"]] = r
+    lines, current = [], None
+    for (model, r, world, rank), bases in cells.items():
+        if "nf4" not in bases:
+            continue
+        if (model, r) != current:
+            current = (model, r)
+            seq, batch = bases["nf4"]["seq"], bases["nf4"]["batch"]
+            title = f"**{NAMES.get(model, model)}, SpaRA r = {r}** (sequence {seq}, micro batch {batch}; per GPU)"
+            lines += ["", title, "", "| ranks | rank | base | base shard | values | grads | Adam | all-gather "
+                      "| unsharded | activations | act., ckpt | peak | peak, ckpt |",
+                      "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for base in ("none", "nf4"):
+            if base not in bases:
+                continue
+            row = bases[base]
+            ck, no = row["ckpt"], row["no_ckpt"]
+            lines.append(
+                f"| {world} | {rank} | {'NF4' if base == 'nf4' else 'bf16'} | {size(row['base_shard'])} "
+                f"| {size(row['values'])} | {size(row['grads'])} | {size(row['adam'])} | {size(ck['All Gather'])} "
+                f"| {size(ck['Unsharded Param'])} | {size(no['Activation'])} | {size(ck['Activation'])} "
+                f"| {size(peak(row, False))} | {size(peak(row, True))} |")
+    return lines + [""]
 
 
 def memory_tables(rows: list[dict]) -> list[str]:

@@ -2,10 +2,12 @@
 FakeTensorMode, memory by FSDPMemTracker (no real compute, no real memory). ``bench.scale`` runs it and prints tables.
 
     HF_HUB_OFFLINE=1 python -m bench.scale_sim --model 70b --method spra --lora-rank 8 --worlds 64
+    HF_HUB_OFFLINE=1 python -m bench.scale_sim --model 70b --method spra --lora-rank 8 --worlds 64 --quantize-base nf4
 
 Prints one JSON list, one row per (world size, rank): rank 0 and the last rank, whose shards FSDP2 cuts shorter.
 The model is built once per process on the meta device (for SpaRA: every mask built in host memory from the seed);
-each row shards a copy of it, sharing those masks.
+each row shards a copy of it, sharing those masks. ``--quantize-base nf4`` packs the copy's adapted linears in
+torchao's NF4 (``quantize_targets``) before FSDP2 shards it, as ``spra train`` does with ``model.quantize_base=nf4``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spra_dist.core.config import SpraConfig
 from spra_dist.core.layer import SpraLinear
 from spra_dist.core.masks import host_threads
-from spra_dist.core.model import apply_spra
+from spra_dist.core.model import apply_spra, quantize_targets
+from spra_dist.core.quantized import QUANTIZE_BASE, is_nf4, nf4_on_meta_for
 from spra_dist.distributed.fsdp import apply_fsdp2
 
 # (hidden, intermediate, layers, attention heads); all three have 8 key/value heads and a 128256-token vocabulary.
@@ -42,6 +46,9 @@ METHODS = ("spra", "lora")
 # ModTracker warns on every FSDP2 root forward that its hierarchy "may be messed up"; the per-category figures
 # used here don't depend on the hierarchy.
 warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+# torchao's NF4 post-all-gather asserts that FSDP2 reuses its buffers by comparing storage pointers, which fake tensors
+# warn about and report as 0: under fake mode that check passes without checking anything.
+warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor is deprecated")
 
 
 def llama3_config(name: str) -> LlamaConfig:
@@ -87,9 +94,23 @@ def mask_state(model: nn.Module) -> dict[str, int]:
             "mask_transient_peak": 2 * max((s["transient"] for s in sizes), default=0)}
 
 
+def _plain(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors holding the data: an NF4 shard (a wrapper subclass) stands for its packed data, scales, scale
+    factors, scales' mean and code book."""
+    out = []
+    for t in tensors:
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            out += _plain([getattr(t, n) for n in names])
+        else:
+            out.append(t)
+    return out
+
+
 def _bytes(tensors: list[torch.Tensor]) -> tuple[int, int]:
     """(allocated, logical) bytes of local tensors: allocated counts each storage once, whole (FSDP2 pads every
     rank's shard to the first rank's size); logical is numel × element size of the views themselves."""
+    tensors = _plain(tensors)
     storages = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values()), sum(t.numel() * t.element_size() for t in tensors)
 
@@ -110,9 +131,19 @@ def _shared_masks(model: nn.Module) -> dict[int, torch.Tensor]:
     return {id(t): t for t in masks}
 
 
-def simulate(model: nn.Module, *, world: int, rank: int, checkpointing: bool, seq: int, batch: int) -> dict:
-    """Shard a copy of the meta ``model`` for ``rank`` of ``world`` and track one training step's memory."""
+def simulate(model: nn.Module, *, world: int, rank: int, checkpointing: bool, seq: int, batch: int,
+             quantize_base: str = "none") -> dict:
+    """Shard a copy of the meta ``model`` for ``rank`` of ``world`` and track one training step's memory; with
+    ``quantize_base="nf4"`` the copy's adapted linears are packed in NF4 first."""
     model = copy.deepcopy(model, memo=_shared_masks(model))
+    # Packed after the copy: torchao 0.18 copies an NF4Tensor by re-quantizing it with its default 256 blocks per
+    # scale, which would undo nf4_scaler_block's row-aligned scales (and fails on rows of fewer blocks).
+    quantize_targets(model, quantize_base)
+    for m in model.modules():
+        # to_empty materialises an NF4 shard's packed data, scales and factors, not the mean scale and code book
+        # every rank holds whole: place those before sharding, as loading a packed base does
+        if isinstance(m, SpraLinear) and is_nf4(m.weight):
+            m.weight = nn.Parameter(nf4_on_meta_for(m.weight, torch.device("cpu")), requires_grad=False)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
@@ -169,8 +200,13 @@ def _tracked_step(model: nn.Module, *, mesh: DeviceMesh, seq: int, batch: int) -
 
 
 def run(config: LlamaConfig, *, method: str, lora_rank: int, worlds: list[int], seq: int, batch: int,
-        mask_residency: str = "host", checkpointing: tuple[bool, ...] = (False, True)) -> list[dict]:
+        mask_residency: str = "host", checkpointing: tuple[bool, ...] = (False, True),
+        quantize_base: str = "none") -> list[dict]:
     """Every (world size, rank 0 / last rank) row for one model and adapter, the model built once."""
+    if quantize_base not in QUANTIZE_BASE:
+        raise ValueError(f"quantize_base {quantize_base!r}: use one of {', '.join(QUANTIZE_BASE)}")
+    if quantize_base != "none" and method != "spra":
+        raise ValueError(f"quantize_base={quantize_base} packs SpaRA's adapted linears; use --method spra")
     model, apply_s = build(config, method=method, lora_rank=lora_rank, mask_residency=mask_residency)
     masks = mask_state(model)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -180,9 +216,11 @@ def run(config: LlamaConfig, *, method: str, lora_rank: int, worlds: list[int], 
         for rank in sorted({0, world - 1}):
             row = {"method": method, "lora_rank": lora_rank, "world": world, "rank": rank, "seq": seq,
                    "batch": batch, "trainable": trained, "frozen": frozen, "apply_s": apply_s,
-                   "mask_residency": mask_residency if method == "spra" else None, **masks}
+                   "mask_residency": mask_residency if method == "spra" else None, "quantize_base": quantize_base,
+                   **masks}
             for ckpt in checkpointing:
-                step = simulate(model, world=world, rank=rank, checkpointing=ckpt, seq=seq, batch=batch)
+                step = simulate(model, world=world, rank=rank, checkpointing=ckpt, seq=seq, batch=batch,
+                                quantize_base=quantize_base)
                 peak = step.pop("peak")
                 row.update(step)
                 row["ckpt" if ckpt else "no_ckpt"] = peak
@@ -211,6 +249,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="micro batch")
     ap.add_argument("--mask-residency", choices=("host", "device"), default="host")
     ap.add_argument("--checkpointing", choices=("both", "off", "on"), default="both")
+    ap.add_argument("--quantize-base", choices=QUANTIZE_BASE, default="none",
+                    help="nf4: the adapted linears' frozen weights packed in torchao's NF4 (SpaRA only)")
     ap.add_argument("--startup", action="store_true", help="only time apply_spra (SpaRA's time to first step)")
     a = ap.parse_args()
     if (a.model is None) == (a.shape is None):
@@ -222,7 +262,8 @@ def main() -> None:
     ckpt = {"both": (False, True), "off": (False,), "on": (True,)}[a.checkpointing]
     torch.set_num_threads(1)  # fake tensors compute nothing; leave the cores to the masks and the other cell
     rows = run(config, method=a.method, lora_rank=a.lora_rank, worlds=[int(w) for w in a.worlds.split(",")],
-               seq=a.seq, batch=a.batch, mask_residency=a.mask_residency, checkpointing=ckpt)
+               seq=a.seq, batch=a.batch, mask_residency=a.mask_residency, checkpointing=ckpt,
+               quantize_base=a.quantize_base)
     print(json.dumps([dict(r, model=a.model or "custom") for r in rows]))
 
 
