@@ -14,6 +14,7 @@ import datetime
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -37,8 +38,16 @@ def make_monitor_group(timeout_s: int) -> None:
         _MONITOR["where"] = where
 
 
-def _local_lost() -> list[str]:
-    """Ranks on this host whose process is gone or stopped (no network needed: read /proc)."""
+def _local_lost(wait_s: float = 3.0) -> list[str]:
+    """Ranks on this host whose process is gone or stopped (no network needed: read /proc). A rank killed a moment
+    ago may still be tearing down its memory, its sockets already closed, so look again for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while not (lost := _scan_local()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return lost
+
+
+def _scan_local() -> list[str]:
     host, lost = socket.gethostname(), []
     for rank, (rank_host, pid) in enumerate(_MONITOR.get("where") or []):
         if rank_host != host or pid == os.getpid():
