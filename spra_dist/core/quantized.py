@@ -17,6 +17,7 @@ product (SDDMM) as over a dense weight. The packed data is never written: a merg
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import logging
 from typing import Literal, get_args
@@ -130,6 +131,16 @@ def to_nf4(weight: Tensor) -> Tensor:
     shape = tuple(weight.shape)
     check_nf4_shape("the weight", shape)
     return _nf4_module().to_nf4(weight.detach(), NF4_BLOCK, nf4_scaler_block(shape))
+
+
+def release_freed_heap() -> None:
+    """Hand the heap that freed temporaries left back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+    ``to_nf4`` on a CPU frees its temporaries in blocks small enough for glibc's heap, which it keeps and does not
+    reuse for a step's large activations: measured on SmolLM2-135M, up to 1 GB more than the bf16 model held."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_quantizable(modules: dict[str, nn.Module], kind: str) -> None:
