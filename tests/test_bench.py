@@ -101,3 +101,36 @@ def test_model_profile_counts_the_spra_ops_of_every_layer(monkeypatch):
     lines = profile_model.table([out, floor])
     assert lines[2].startswith(f"| spra | {out['step_ms']:.0f} | +5 | {ops['spra_dist::linear']:.0f} |")
     assert lines[3].startswith(f"| floor | {floor['step_ms']:.0f} | +0 | – | – | – |")
+
+
+def test_quantized_memory_nf4_base_holds_under_a_third_of_bf16(tmp_path):
+    """bench.quantized_memory's arms on a tiny Llama checkpoint: the same trainable count at the r=8 budget, and the
+    adapted linears' frozen weights counted in full, NF4 and bitsandbytes 4-bit each under 0.3 × bf16."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao")
+    import torch
+
+    from bench import quantized_memory as qm
+
+    model_dir = qm.tiny_checkpoint(tmp_path)  # hidden 128, MLP 256, 2 layers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only waits on a busy machine
+    try:
+        results = [qm.measure(arm, model_dir, batch=2, seq=16, steps=1, warmup=0)
+                   for arm in ("spra_bf16", "spra_nf4", "lora_bnb4")]
+    finally:
+        torch.set_num_threads(threads)
+    bf16, nf4, lora = results
+    values = 2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128)  # q o, k v, gate up down; 2 layers
+    assert bf16["weights"] == {"held": 2 * values, "bf16": 2 * values, "values": values}
+    assert nf4["weights"]["values"] == lora["weights"]["values"] == values
+    assert 0.25 * 2 * values < nf4["weights"]["held"] < 0.3 * bf16["weights"]["held"]  # 4 bits + scales + tables
+    assert 0.25 * 2 * values < lora["weights"]["held"] < 0.3 * bf16["weights"]["held"]
+    # r · (n_in + n_out) per matrix, SpaRA and LoRA alike
+    assert bf16["trainable"] == nf4["trainable"] == lora["trainable"] == 2 * 8 * (2 * 256 + 2 * 192 + 3 * 384)
+    assert all(len(r["step_s"]) == 1 and r["peak_rss"] >= r["rss_built"] > 0 for r in results)
+    rows = [qm.combine([r]) for r in results]
+    lines = qm.table(rows)
+    assert len(lines) == 2 + 3 and lines[3].startswith(f"| SpaRA, NF4 base (torchao) | {nf4['trainable']:,} | ")
+    assert qm.target_line(rows).startswith(f"NF4 weights held {nf4['weights']['held'] / (2 * values):.3f} × bf16's "
+                                              f"(≤ 0.3: holds)")
