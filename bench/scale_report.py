@@ -63,13 +63,19 @@ def nf4_table(rows: list[dict]) -> list[str]:
             if base not in bases:
                 continue
             row = bases[base]
-            ck, no = row["ckpt"], row["no_ckpt"]
             lines.append(
                 f"| {world} | {rank} | {'NF4' if base == 'nf4' else 'bf16'} | {size(row['base_shard'])} "
-                f"| {size(row['values'])} | {size(row['grads'])} | {size(row['adam'])} | {size(ck['All Gather'])} "
-                f"| {size(ck['Unsharded Param'])} | {size(no['Activation'])} | {size(ck['Activation'])} "
-                f"| {size(peak(row, False))} | {size(peak(row, True))} |")
+                f"| {size(row['values'])} | {size(row['grads'])} | {size(row['adam'])} | {_gathered_cells(row)} |")
     return lines + [""]
+
+
+def _gathered_cells(row: dict) -> str:
+    """The cells every memory table ends with: all-gather, unsharded, activations without and with checkpointing,
+    and the two peaks."""
+    ck, no = row["ckpt"], row["no_ckpt"]
+    cells = [ck["All Gather"], ck["Unsharded Param"], no["Activation"], ck["Activation"], peak(row, False),
+             peak(row, True)]
+    return " | ".join(size(c) for c in cells)
 
 
 def memory_tables(rows: list[dict]) -> list[str]:
@@ -89,13 +95,10 @@ def memory_tables(rows: list[dict]) -> list[str]:
                 continue
             row = methods[method]
             ratio = f"{adapter_state(row) / adapter_state(lora):.2f}" if lora and method == "spra" else ""
-            ck, no = row["ckpt"], row["no_ckpt"]
             lines.append(
                 f"| {world} | {rank} | {'SpaRA' if method == 'spra' else 'LoRA'} | {size(row['base_shard'])} "
                 f"| {size(row['values'])} | {size(row['grads'])} | {size(row['adam'])} | {size(row['mask_device'])} "
-                f"| {size(adapter_state(row))} | {ratio} | {size(ck['All Gather'])} | {size(ck['Unsharded Param'])} "
-                f"| {size(no['Activation'])} | {size(ck['Activation'])} | {size(peak(row, False))} "
-                f"| {size(peak(row, True))} |")
+                f"| {size(adapter_state(row))} | {ratio} | {_gathered_cells(row)} |")
     return lines + [""]
 
 

@@ -128,7 +128,9 @@ def test_quantized_memory_nf4_base_holds_under_a_third_of_bf16(tmp_path):
     assert 0.25 * 2 * values < lora["weights"]["held"] < 0.3 * bf16["weights"]["held"]
     # r · (n_in + n_out) per matrix, SpaRA and LoRA alike
     assert bf16["trainable"] == nf4["trainable"] == lora["trainable"] == 2 * 8 * (2 * 256 + 2 * 192 + 3 * 384)
-    assert all(len(r["step_s"]) == 1 and r["peak_rss"] >= r["rss_built"] > 0 for r in results)
+    for r in results:  # the steps' own peak (VmHWM reset once the model is built) covers what the model holds
+        assert len(r["step_s"]) == 1 and r["rss_built"] > 0, r
+        assert r["step_peak_rss"] is None or r["step_peak_rss"] >= r["rss_built"] - 4 * 2**20, r
     rows = [qm.combine([r]) for r in results]
     lines = qm.table(rows)
     assert len(lines) == 2 + 3 and lines[3].startswith(f"| SpaRA, NF4 base (torchao) | {nf4['trainable']:,} | ")

@@ -242,7 +242,7 @@ def test_fsdp2_all_gathers_the_packed_weights(tmp_path):
     assert got["none"]["counted"] == got["none"]["expected"]
     assert got["nf4"]["counted"] == got["nf4"]["expected"] == got["none"]["counted"] - bf16 + nf4
     assert nf4 <= 0.3 * bf16  # 0.265 here: at real widths a scale block covers up to 256 x 64 values, 0.258
-    assert all(map(torch.isfinite(torch.tensor(got["nf4"]["out"])).__getitem__, range(64)))
+    assert torch.isfinite(torch.tensor(got["nf4"]["out"])).all()
 
 
 @pytest.mark.slow

@@ -39,7 +39,6 @@ from spra_dist.core.quantized import (
     logical_shape,
     merged_dense,
     quantization_of,
-    quantized_plain_linear,
     quantized_spra_linear,
 )
 
@@ -201,7 +200,7 @@ class SpraLinear(nn.Module):
         quantized = self.quantization is not None
         if self.merged or self.spra_values is None:
             if quantized:
-                return quantized_plain_linear(x, self.weight, self.bias)
+                return quantized_spra_linear(x, self.weight, self.bias, None, None)
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
         indices, crow = self._mask_on(self.weight.device)
         if quantized:

@@ -76,6 +76,8 @@ def is_bnb_int8(weight: Tensor) -> bool:
 def quantization_of(weight: Tensor) -> str | None:
     """How a frozen weight is stored: ``nf4`` (torchao), ``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit),
     ``bnb-int8``, or None for a plain dense tensor."""
+    if type(weight) in (nn.Parameter, Tensor):  # the common case, checked in every forward: a plain weight
+        return None
     if is_nf4(weight):
         return "nf4"
     if is_bnb_4bit(weight):
@@ -166,8 +168,7 @@ class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, values, weight, indices, crow):
         with torch.autocast(x.device.type, enabled=False):
-            idx = to_device(indices, x)
-            w = merged_dense(weight, idx, values, x.dtype)
+            w = merged_dense(weight, None if values is None else to_device(indices, x), values, x.dtype)
             y = plain_linear(x, w, None if bias is None else bias.to(x.dtype), transposed=False)
         ctx.save_for_backward(x)  # the activation only: the packed weight stays on ctx, as in the dense op
         ctx.weight, ctx.indices, ctx.crow, ctx.values = weight, indices, crow, values
@@ -178,7 +179,7 @@ class _QuantizedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
-        idx = to_device(ctx.indices, grad_out)
+        idx = None if ctx.values is None else to_device(ctx.indices, grad_out)
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 w = merged_dense(ctx.weight, idx, ctx.values, grad_out.dtype)
@@ -190,8 +191,9 @@ class _QuantizedLinear(torch.autograd.Function):
         return grad_x, grad_bias, grad_values, None, None, None
 
 
-def merged_dense(weight: Tensor, indices: Tensor, values: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """dequant(W) in ``dtype`` with the k merged entries ``dequant(W)[idx] + v`` added in fp32 and rounded once."""
+def merged_dense(weight: Tensor, indices: Tensor | None, values: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """dequant(W) in ``dtype`` with the k merged entries ``dequant(W)[idx] + v`` added in fp32 and rounded once
+    (dequant(W) alone for ``values`` None)."""
     w = dequantize(weight, dtype)
     if values is not None and values.numel():
         flat = w.view(-1)
@@ -199,23 +201,15 @@ def merged_dense(weight: Tensor, indices: Tensor, values: Tensor | None, dtype: 
     return w
 
 
-def quantized_spra_linear(x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, *,
-                          crow: Tensor | None = None) -> Tensor:
-    """The adapted linear over a packed ``weight``, differentiable in ``x``, ``bias`` and ``values``. It computes
-    in the autocast dtype under ``torch.autocast`` and in ``x``'s dtype otherwise (as bitsandbytes' Linear4bit)."""
+def quantized_spra_linear(x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor | None,
+                          indices: Tensor | None, *, crow: Tensor | None = None) -> Tensor:
+    """The adapted linear over a packed ``weight``, differentiable in ``x``, ``bias`` and ``values`` (None, None:
+    the base layer alone). It computes in the autocast dtype under ``torch.autocast`` and in ``x``'s dtype otherwise
+    (as bitsandbytes' Linear4bit)."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         x = x.to(torch.get_autocast_dtype(device))
     return _QuantizedLinear.apply(x, bias, values, weight, indices, crow)
-
-
-def quantized_plain_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The base layer alone over a packed weight (no adapter active)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(device))
-    with torch.autocast(device, enabled=False):
-        return _QuantizedLinear.apply(x, bias, None, weight, torch.empty(0, dtype=torch.long), None)
 
 
 def check_quantize_engine(kind: str, *, engine: str) -> None:

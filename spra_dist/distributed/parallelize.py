@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -51,12 +50,11 @@ def parallelize(model: nn.Module, *, engine: str, mixed_precision: str, make_opt
     if plan is not None and not shards_base(engine, deepspeed_config):
         raise ValueError(f"engine={engine!r} keeps the whole base on every rank: build the model with its weights "
                          f"(build_model(meta=False)); loading after sharding is for fsdp2 and ZeRO-3")
-    stage = (deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    check_engine(model, engine=engine, zero_stage=stage, world_size=world_size)  # a quantized base it can't hold
     if engine == "deepspeed":
         if deepspeed_config is None:
             raise ValueError("engine=deepspeed needs its filled config (fill_deepspeed_config)")
+        # a quantized base ZeRO cannot hold (apply_fsdp2 checks its own; none and DDP take any)
+        check_engine(model, engine=engine, zero_stage=deepspeed_config.get("zero_optimization", {}).get("stage", 0))
         if plan is not None:
             load_zero3(model, plan, config=deepspeed_config)
         return build_deepspeed_engine(model, make_optimizer, make_scheduler, config=deepspeed_config)
