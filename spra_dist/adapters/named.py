@@ -147,6 +147,35 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         set_adapter(model, was)
 
 
+@contextlib.contextmanager
+def bypass_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base, bit for bit, as ``disable_adapter`` does, but nothing is
+    switched: every SpaRA module skips its values for a while, keeping them, their mask and their optimizer state.
+    It costs a flag per module, so it suits a forward per step (RL's reference model) and works on a model sharded
+    by FSDP2 or ZeRO-3. Refused where the base is not what the modules hold: merged values, or modules the adapter
+    trains densely (``trainable_modules``: use ``disable_adapter`` on the unsharded model)."""
+    model = unwrap(model)
+    named = spra_layers(model)
+    merged = [name for name, m in named if m.merged]
+    if merged:
+        raise ValueError(f"{merged[0]} holds its adapter merged into the weight, so skipping its values would not "
+                         f"give the base: unmerge it first (SpraLinear.unmerge() on each module)")
+    reg = registry(model)
+    dense = sorted(reg.adapters[reg.active].dense) if reg.active else []
+    if dense:
+        raise ValueError(f"the active adapter also trains {dense[:3]} densely (trainable_modules), which skipping "
+                         f"SpaRA values cannot undo: use disable_adapter(model) on the unsharded model, or train "
+                         f"without trainable_modules")
+    was = [(m, m.bypassed) for _, m in named]
+    for m, _ in was:
+        m.bypassed = True
+    try:
+        yield model
+    finally:
+        for m, before in was:
+            m.bypassed = before
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Drop an adapter and free its values; deleting the active one leaves the model on its base."""
     reg = registry(model)

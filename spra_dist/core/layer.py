@@ -118,6 +118,7 @@ class SpraLinear(nn.Module):
         self.spra_key, self.k, self.seed = f"{name}.weight", int(k), int(seed)
         self.mask_parts: Parts = ((self.seed, self.k),) if self.k else ()
         self.merged = False
+        self.bypassed = False  # the base layer alone for a while (a reference forward), values and mask kept
         if mask_residency not in MASK_RESIDENCIES:
             raise ValueError(f"mask_residency={mask_residency!r}: use one of {MASK_RESIDENCIES}")
         self.mask_residency = mask_residency
@@ -198,7 +199,7 @@ class SpraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.quantization is not None
-        if self.merged or self.spra_values is None:
+        if self.merged or self.spra_values is None or self.bypassed:
             if quantized:
                 return quantized_spra_linear(x, self.weight, self.bias, None, None)
             return plain_linear(x, self.weight, self.bias, transposed=self.transposed)
