@@ -136,3 +136,37 @@ def test_quantized_memory_nf4_base_holds_under_a_third_of_bf16(tmp_path):
     assert len(lines) == 2 + 3 and lines[3].startswith(f"| SpaRA, NF4 base (torchao) | {nf4['trainable']:,} | ")
     assert qm.target_line(rows).startswith(f"NF4 weights held {nf4['weights']['held'] / (2 * values):.3f} × bf16's "
                                               f"(≤ 0.3: holds)")
+
+
+def test_rl_reference_trl_holds_a_second_model_and_spra_none(tmp_path):
+    """bench.rl_reference's four arms on a tiny Llama checkpoint, one step each: TRL's GRPOTrainer and DPOTrainer
+    reload the whole model as their reference, SpraGRPOTrainer and SpraDPOTrainer hold no parameters for it."""
+    pytest.importorskip("trl")
+    import torch
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    from bench import rl_reference as rl
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    base = sum(p.numel() for p in model.parameters())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only waits on a busy machine
+    try:
+        results = [rl.measure(arm, str(tmp_path), steps=1) for arm in rl.ARMS]
+    finally:
+        torch.set_num_threads(threads)
+    by = {r["arm"]: r for r in results}
+    for name in ("grpo", "dpo"):
+        trl, spra = by[f"{name}_trl"], by[f"{name}_spra"]
+        assert trl["base_params"] == spra["base_params"] == base
+        assert (trl["ref_params"], trl["ref_type"]) == (base, "LlamaForCausalLM")  # a whole second model
+        assert (spra["ref_params"], spra["ref_type"]) == (0, "BaseReference")
+    for r in results:
+        assert len(r["step_s"]) == 1 and r["rss_built"] >= r["rss_model"] - 4 * 2**20 > 0, r
+        assert r["step_peak_rss"] is None or r["step_peak_rss"] >= r["rss_built"] - 4 * 2**20, r
+    lines = rl.table([rl.combine([r]) for r in results])
+    assert len(lines) == 2 + 2
+    assert lines[2].startswith(f"| GRPO | {base:,} / 0 | ") and lines[3].startswith(f"| DPO | {base:,} / 0 | ")
