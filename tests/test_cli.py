@@ -131,3 +131,19 @@ def test_python_dash_m_is_the_same_cli(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: unknown config key 'spra.lora_rnk'; did you mean "
                                                 "'spra.lora_rank'?"]
+
+
+def test_single_process_run_never_imports_deepspeed(tmp_path):
+    """A run that does not use DeepSpeed neither imports it (seconds) nor prints its "Setting accelerator to CPU"
+    warning: transformers' save_pretrained (the random base) would have accelerate import it for an isinstance."""
+    script = ("import sys; from spra_dist.cli import main; code = main(sys.argv[1:]); "
+              "print('deepspeed imported:', 'deepspeed' in sys.modules); sys.exit(code)")
+    argv = ["train", "--config", str(DEBUG), f"output_dir={tmp_path / 'run'}", "max_steps=1", "train_size=16",
+            "eval_size=8", "eval_every=0"]
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # set, it would only hide the warning
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "base_model" / "config.json").is_file()  # the save that used to import it ran
+    assert "deepspeed imported: False" in proc.stdout, proc.stdout[-2000:]
+    assert "Setting accelerator" not in proc.stdout + proc.stderr

@@ -24,6 +24,7 @@ from spra_dist.adapters.files import load_adapter, read_adapter_config
 from spra_dist.adapters.merge import merge_adapter
 from spra_dist.adapters.named import combine_adapters, set_adapter
 from spra_dist.utils.atomic import atomic_files
+from spra_dist.utils.pretrained import no_deepspeed_probe
 
 # Files that ``spra train`` or the HF Trainer callback write beside an adapter: their folder is a run.
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "trainer_state.json", "checkpoints")
@@ -56,7 +57,7 @@ def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str |
     rebuild_quantized_base(model, config.get("base_quantization"))
     merge_adapter(model)
     with atomic_files(out) as tmp:
-        with _no_deepspeed_probe(), _write_errors_as_os_errors(out):
+        with no_deepspeed_probe(), _write_errors_as_os_errors(out):
             model.save_pretrained(tmp)
         _copy_tokenizer(base_dir, tmp)
         clashes = sorted(f.name for f in tmp.iterdir() if (out / f.name).exists())
@@ -137,27 +138,6 @@ def load_base(adapter_config: dict, base: str, *, adapter: Path):
                              f"as {architecture} ({', '.join(keys[:3])}); the adapter expects "
                              f"{expected_base(adapter_config)}: pass --base <directory of that model>")
     return model
-
-
-@contextlib.contextmanager
-def _no_deepspeed_probe():
-    """save_pretrained asks accelerate to unwrap the model, and accelerate imports deepspeed (seconds, and a
-    warning on CPU) when it is installed, only to test isinstance(model, DeepSpeedEngine). A merged model is
-    never one, so the probe is switched off for the call."""
-    try:
-        import accelerate.utils.other as other
-    except ImportError:
-        yield
-        return
-    saved = getattr(other, "is_deepspeed_available", None)
-    if saved is None:
-        yield
-        return
-    other.is_deepspeed_available = lambda: False
-    try:
-        yield
-    finally:
-        other.is_deepspeed_available = saved
 
 
 @contextlib.contextmanager

