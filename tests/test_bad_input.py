@@ -40,7 +40,7 @@ TRAIN_OVERRIDES = [
     ("stop_after past the end", ["stop_after=1000"], ["stop_after=1000 must lie in 1..max_steps"]),
     ("hf without a path", ["model.source=hf"], ["model.source=hf needs model.name_or_path"]),
     ("hf path without a model", ["model.source=hf", "model.name_or_path=/no/such/model"],
-     ["'/no/such/model' has no config.json"]),
+     ["model.name_or_path='/no/such/model' does not exist"]),
     ("encoder for causal LM", ["model.source=tiny_bert"], ["model.source=tiny_bert is an encoder"]),
     ("one class", ["model.source=tiny_bert", "task=classification", "num_labels=1"], ["model.num_labels=1"]),
     ("negative seed", ["seed=-1"], ["seed=-1 must be a non-negative integer"]),

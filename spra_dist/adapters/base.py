@@ -18,6 +18,7 @@ from spra_dist.core.model import spra_layers
 from spra_dist.core.quantized import roundtrip
 from spra_dist.demos.packaged import PACKAGED, packaged_name
 from spra_dist.distributed.tensors import global_shape
+from spra_dist.utils.hub import is_hub_id
 
 # Config entries that differ between copies of the same base model (paths, dtype, runtime switches, labels
 # of a freshly initialised head). The fingerprint leaves them out; changing this set changes fingerprints.
@@ -120,17 +121,16 @@ def check_base_model(model: nn.Module, adapter_config: dict, *, adapter: Path) -
 
 def resolve_base(name_or_path: str, *, adapter: Path) -> str:
     """A model directory for a recorded or given base: a packaged model's folder, an existing path, or a
-    hub name (``org/model``) passed on to transformers as is."""
+    hub id (``org/model``) passed on to transformers as is (see spra_dist.utils.hub)."""
     if name_or_path in PACKAGED:
         return str(PACKAGED[name_or_path]())
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path)
-    hub_name = name_or_path.count("/") == 1 and not name_or_path.startswith(("/", ".", "~"))
-    if hub_name:
+    if is_hub_id(name_or_path):
         return name_or_path
     raise ValueError(f"adapter {adapter} was trained on base {name_or_path!r}, which does not exist on this "
-                     f"machine; pass --base <directory of that model>")
+                     f"machine; pass --base <directory of that model, or its hub id>")
 
 
 def rebuild_quantized_base(model: nn.Module, record: dict | None) -> None:

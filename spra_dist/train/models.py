@@ -1,4 +1,4 @@
-"""Base models for training, all built offline: packaged checkpoints, a local directory, or tiny random ones.
+"""Base models for training: packaged checkpoints, a saved model (local or a hub id), or tiny random ones.
 
     built = build_model(cfg.model, seed=cfg.seed)   # built.model, built.codec, built.from_config
 
@@ -6,13 +6,15 @@ A saved model under an engine that shards the base (``meta=True``: FSDP2, ZeRO-3
 from its config alone; ``built.base`` names its files, which each rank reads after sharding
 (spra_dist.distributed.loading). Without sharding every rank loads the whole base with ``from_pretrained``.
 
+``model.name_or_path`` (source hf) is a local directory or a hub id, resolved by transformers: from the local
+cache when ``HF_HUB_OFFLINE=1``, downloaded otherwise (spra_dist.utils.hub). Adapters record the id as the base.
+
 Tiny models (tiny_llama, tiny_gpt2, tiny_bert) use a byte-level vocabulary (256 bytes + pad/bos/eos), so
 they need no tokenizer file; their random init is seeded by the training seed.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from spra_dist.data.codec import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB, ByteC
 from spra_dist.demos.packaged import minilm_dir, smollm2_dir
 from spra_dist.distributed.loading import BaseCheckpoint, initial_values
 from spra_dist.train.schema import MODEL_SOURCES, ModelConfig
+from spra_dist.utils.hub import model_files, model_source, not_found, read_model_config
 
 
 @dataclass
@@ -63,7 +66,7 @@ def build_model(cfg: ModelConfig, *, seed: int, meta: bool = False) -> BuiltMode
         case "smollm2":
             built = _pretrained(smollm2_dir(), cfg, dtype, meta=meta)
         case "hf":
-            built = _pretrained(Path(cfg.name_or_path), cfg, dtype, meta=meta)
+            built = _pretrained(cfg.name_or_path, cfg, dtype, meta=meta)
         case _:
             raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     model = built.model
@@ -85,8 +88,14 @@ def build_codec(cfg: ModelConfig) -> Codec:
         case "minilm" | "smollm2" | "hf":
             import transformers as tf
 
-            path = {"minilm": minilm_dir, "smollm2": smollm2_dir}.get(cfg.source, lambda: Path(cfg.name_or_path))()
-            return HFCodec(tf.AutoTokenizer.from_pretrained(path))
+            if cfg.source == "hf":
+                path = model_source(cfg.name_or_path, what="model.name_or_path")
+            else:
+                path = {"minilm": minilm_dir, "smollm2": smollm2_dir}[cfg.source]()
+            try:
+                return HFCodec(tf.AutoTokenizer.from_pretrained(path))
+            except OSError as err:
+                raise not_found(str(path), err, what="model.name_or_path") from None
         case _:
             raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(MODEL_SOURCES)}")
 
@@ -125,41 +134,46 @@ def _tiny_model(cfg: ModelConfig) -> nn.Module:
     return cls(config)
 
 
-def _pretrained(path: Path, cfg: ModelConfig, dtype: torch.dtype, *, meta: bool) -> BuiltModel:
+def _pretrained(name_or_path: str | Path, cfg: ModelConfig, dtype: torch.dtype, *, meta: bool) -> BuiltModel:
+    """A saved model: a local directory or a hub id (resolved by transformers; see spra_dist.utils.hub)."""
     import transformers as tf
 
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model directory {str(path)!r} has no config.json; point model.name_or_path at a "
-                         "directory written by save_pretrained")
-    _check_prequantized(path, cfg, meta=meta)
+    what = "model.name_or_path"
+    source = model_source(str(name_or_path), what=what)
+    _check_prequantized(source, read_model_config(source, what=what), cfg, meta=meta)
     auto = tf.AutoModelForSequenceClassification if cfg.task == "classification" else tf.AutoModelForCausalLM
     labels = {"num_labels": cfg.num_labels} if cfg.task == "classification" else {}
     base, initial = None, {}
-    if meta:
-        model = _on_meta(auto, path, dtype, labels)
-        base = BaseCheckpoint.open(path)
-        initial = initial_values(model, base)  # here, where from_pretrained draws them: the random stream matches
-    else:
-        model = auto.from_pretrained(path, dtype=dtype, **labels)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    try:
+        if meta:
+            files = model_files(source, what=what)  # each rank reads its own slices of these safetensors
+            model = _on_meta(auto, files, dtype, labels)
+            model.config._name_or_path = source  # the adapter records the hub id, not the cache path
+            base = BaseCheckpoint.open(files)
+            initial = initial_values(model, base)  # here, where from_pretrained draws them: the random stream matches
+        else:
+            model = auto.from_pretrained(source, dtype=dtype, **labels)
+        tokenizer = tf.AutoTokenizer.from_pretrained(source)
+    except OSError as err:  # a hub model only partly in the cache, a directory without weights or tokenizer
+        raise not_found(source, err, what=what) from None
     if model.config.pad_token_id is None:
         # Decoder classifiers find the last real token through pad_token_id; LMs only need it for batching.
         model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return BuiltModel(model, HFCodec(tokenizer), from_config=False, tokenizer=tokenizer, base=base, initial=initial)
 
 
-def _check_prequantized(path: Path, cfg: ModelConfig, *, meta: bool) -> None:
+def _check_prequantized(source: str, config: dict, cfg: ModelConfig, *, meta: bool) -> None:
     """A checkpoint saved quantized (its config.json has a quantization_config, e.g. bitsandbytes 4-bit) cannot be
     packed again, nor built on meta and sharded: say so before anything is loaded."""
-    method = (json.loads((path / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+    method = (config.get("quantization_config") or {}).get("quant_method")
     if not method:
         return
     if cfg.quantize_base != "none":
-        raise ValueError(f"quantize_base={cfg.quantize_base} on a base that is already quantized ({path} was saved "
+        raise ValueError(f"quantize_base={cfg.quantize_base} on a base that is already quantized ({source} was saved "
                          f"with {method}); point model.name_or_path at the unquantized model, or set "
                          f"quantize_base=none")
     if meta:
-        raise ValueError(f"{path} was saved quantized ({method}), which FSDP2 and ZeRO-3 cannot shard; point "
+        raise ValueError(f"{source} was saved quantized ({method}), which FSDP2 and ZeRO-3 cannot shard; point "
                          f"model.name_or_path at the unquantized model and set quantize_base=nf4, or use engine none, "
                          f"ddp or DeepSpeed ZeRO-1/2")
 

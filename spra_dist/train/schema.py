@@ -44,10 +44,12 @@ def _yaml_word(value: Any) -> Any:
 class ModelConfig:
     source: ModelSource = "tiny_llama"
     """Where the base model comes from: minilm | smollm2 (offline packages), tiny_llama | tiny_gpt2 |
-    tiny_bert (random init from a config, byte-level vocabulary) or hf (a local directory)."""
+    tiny_bert (random init from a config, byte-level vocabulary) or hf (``name_or_path``: a local directory or
+    a hub id)."""
 
     name_or_path: str | None = None
-    """Local model directory; required for source hf, ignored otherwise."""
+    """A local model directory, or a hub id (``org/model``: from the local Hugging Face cache under
+    ``HF_HUB_OFFLINE=1``, downloaded otherwise); for source hf only."""
 
     task: Task = "causal_lm"
     """classification (sequence classification head) or causal_lm."""
@@ -218,7 +220,8 @@ class TrainConfig:
         if self.model.task == "classification" and self.model.num_labels < 2:
             raise ValueError(f"model.num_labels={self.model.num_labels}: classification needs 2 or more classes")
         if self.model.source == "hf" and not self.model.name_or_path:
-            raise ValueError("model.source=hf needs model.name_or_path=<local model directory>")
+            raise ValueError("model.source=hf needs model.name_or_path=<local model directory or hub id, e.g. "
+                             "HuggingFaceTB/SmolLM2-135M>")
         if self.model.source in ("minilm", "tiny_bert") and self.model.task != "classification":
             raise ValueError(f"model.source={self.model.source} is an encoder; set model.task=classification")
         if self.model.source == "smollm2" and self.model.task != "causal_lm":
