@@ -179,6 +179,29 @@ def test_merge_keeps_foreign_files_and_refuses_to_replace_a_model(run, tmp_path,
     assert not [p for p in out.iterdir() if p.name.startswith(".spra-")]
 
 
+@pytest.mark.parametrize("held", [["config.json"], ["model-00001-of-00002.safetensors", "notes.txt"],
+                                  ["tokenizer.json"]])
+def test_merge_refuses_a_model_in_out_before_loading_or_writing(run, tmp_path, capsys, monkeypatch, held):
+    """An --out holding a model's (or tokenizer's) files is refused before the base is loaded and before any
+    folder is made: the refusal costs no time, and not a byte is written."""
+    import spra_dist.adapters.export as export
+
+    def never(*args, **kwargs):
+        raise AssertionError("spra merge went on past a refusal it could have made first")
+
+    monkeypatch.setattr(export, "load_base", never)
+    monkeypatch.setattr(export, "atomic_files", never)
+    out = tmp_path / "merged"
+    out.mkdir()
+    for name in held:
+        (out / name).write_text("an earlier merge")
+    before = tree_hash(tmp_path)
+    code, err = merge(["--adapter", str(run / "adapter"), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"already holds {held[0]}" in err and "--overwrite" in err
+    assert tree_hash(tmp_path) == before  # nothing written, no hidden folder made
+
+
 @pytest.mark.parametrize("where", ["adapter", "run", "inside_run", "above_run"])
 def test_merge_refuses_outputs_over_the_run(run, where, capsys):
     out = {"adapter": run / "adapter", "run": run, "inside_run": run / "merged", "above_run": run.parent}[where]

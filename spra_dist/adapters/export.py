@@ -6,13 +6,15 @@
 
 Nothing a user saved is lost: the output directory may hold other files, which stay; files the merged model
 would replace (a model or tokenizer from an earlier merge) are refused unless ``overwrite=True``; an output
-that is, holds, or lies inside the adapter's run directory is refused outright. A base that is not the one
-the adapter was trained on is refused before anything is written.
+that is, holds, or lies inside the adapter's run directory is refused outright. Every refusal comes before the
+first byte is written, and all but a base that is not the adapter's before the base is even loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import json
 import math
 import os
@@ -24,8 +26,14 @@ from spra_dist.adapters.files import load_adapter, read_adapter_config
 from spra_dist.adapters.merge import merge_adapter
 from spra_dist.adapters.named import combine_adapters, set_adapter
 from spra_dist.utils.atomic import atomic_files
+from spra_dist.utils.hub import not_found
 from spra_dist.utils.pretrained import no_deepspeed_probe
 
+# What save_pretrained writes for a model and its tokenizer: an output holding any of them holds a model.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "model-*-of-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
+               "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 # Files that ``spra train`` or the HF Trainer callback write beside an adapter: their folder is a run.
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "trainer_state.json", "checkpoints")
 
@@ -40,6 +48,8 @@ def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str |
     configs = [read_adapter_config(d)[0] for d in dirs]
     for d in dirs:
         check_output(out, d)
+    check_clashes(out, overwrite=overwrite)
+    check_writable(out)
     config, first = configs[0], dirs[0]
     recorded = (config.get("base_model") or {}).get("name_or_path")
     if not (base or recorded):
@@ -60,10 +70,8 @@ def merge_to_directory(adapter_dir: str | Path | list[str | Path], *, out: str |
         with no_deepspeed_probe(), _write_errors_as_os_errors(out):
             model.save_pretrained(tmp)
         _copy_tokenizer(base_dir, tmp)
-        clashes = sorted(f.name for f in tmp.iterdir() if (out / f.name).exists())
-        if clashes and not overwrite:
-            raise ValueError(f"--out {out} already holds {', '.join(clashes[:4])}, which the merged model would "
-                             f"replace; pass --overwrite to replace them, or choose an empty directory")
+        # The names were checked before anything was loaded; this catches a file name of an unusual tokenizer.
+        _refuse_clashes(out, sorted(f.name for f in tmp.iterdir() if (out / f.name).exists()), overwrite=overwrite)
     return out
 
 
@@ -94,6 +102,30 @@ def check_output(out: Path, adapter_dir: Path) -> None:
                          f"{adapter_dir}; choose a directory outside it, e.g. --out {suggestion}")
 
 
+def check_clashes(out: Path, *, overwrite: bool) -> None:
+    """Refuse, unless ``overwrite``, an output that holds files of a saved model or tokenizer (an earlier merge):
+    the merged model would replace them. Checked before the base is loaded, so a refusal costs no time and writes
+    nothing."""
+    if not out.is_dir():
+        return
+    clashes = sorted(f.name for f in out.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in MODEL_FILES))
+    _refuse_clashes(out, clashes, overwrite=overwrite)
+
+
+def _refuse_clashes(out: Path, clashes: list[str], *, overwrite: bool) -> None:
+    if clashes and not overwrite:
+        raise ValueError(f"--out {out} already holds {', '.join(clashes[:4])}, which the merged model would "
+                         f"replace; pass --overwrite to replace them, or choose an empty directory")
+
+
+def check_writable(out: Path) -> None:
+    """A ``PermissionError`` when ``out`` (or, while it does not exist, the folder it would be made in) cannot be
+    written: before the base is loaded."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+
+
 def load_base(adapter_config: dict, base: str, *, adapter: Path):
     """The base as the class the adapter recorded, after checking its config; every weight must load."""
     import transformers
@@ -105,6 +137,8 @@ def load_base(adapter_config: dict, base: str, *, adapter: Path):
     try:
         found = transformers.AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as err:
+        if not Path(base).expanduser().is_dir():  # a hub id that is not in the cache, offline
+            raise not_found(base, err, what="base") from None
         raise ValueError(f"cannot read a model config from base {base!r} ({_first_line(err)}); the adapter expects "
                          f"{expected_base(adapter_config)}: pass --base <local directory of that model>") from None
     check_base_config(adapter_config, json.loads(json.dumps(found.to_dict(), default=str)), adapter=adapter,
