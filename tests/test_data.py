@@ -260,6 +260,42 @@ def test_waiting_rank_reports_rank0_error_and_a_dead_builder(tmp_path):
         cache._wait(tmp_path / "j", tmp_path / "j.error", beat, timeout_s=30)
 
 
+def test_a_failed_build_leaves_no_cache_file(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": ,}\n')  # datasets fails to read it
+    (tmp_path / "num.jsonl").write_text('{"text": "a"}\n{"text": 7}\n')  # read, then refused row by row
+    for name in ("bad.jsonl", "num.jsonl"):
+        with pytest.raises(ValueError, match=name):
+            splits_of(tmp_path, {"datasets": entries(tmp_path / name, "text"), "val_set_size": 1})
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    s = splits_of(tmp_path, {"datasets": entries(DATA / "text.jsonl", "text"), "val_set_size": 1})
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(s.stats["cache"]).name]  # datasets' files gone
+
+
+def test_rank0_error_file_goes_once_every_rank_has_read_it(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from spra_dist.data import cache
+
+    rank, seen = 0, []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *a: rank)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: seen.append(sorted(p.name for p in tmp_path.iterdir())))
+
+    def build(*scratch):
+        raise ValueError("data.datasets[0] row 3 (1-based): bad; fix it")
+
+    with pytest.raises(ValueError, match=r"row 3 \(1-based\): bad"):
+        cache.prepared(tmp_path, "k", build, timeout_s=5)
+    assert seen == [[], ["k.error"]]  # the waiting ranks join the second barrier once they have read the file
+    assert list(tmp_path.iterdir()) == []
+    rank, seen = 1, []
+    (tmp_path / "k.error").write_text("data.datasets[0] row 3 (1-based): bad; fix it")
+    with pytest.raises(ValueError, match=r"row 3 \(1-based\): bad"):
+        cache._wait(tmp_path / "k", tmp_path / "k.error", tmp_path / "k.building", timeout_s=5)
+    assert seen == [["k.error"]]
+
+
 def test_bundled_sources_keep_their_tokens():
     cfg = load_config(None, ["data.max_length=16", "data.train_size=4", "data.eval_size=2"])
     s = build_data(cfg.data, task="causal_lm", codec=ByteCodec())

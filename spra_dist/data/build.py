@@ -95,13 +95,13 @@ def _from_files(cfg: DataConfig, *, task: str, codec: Codec, num_labels: int, ti
                      "num_labels": num_labels, "tokenizer": codec.fingerprint()})
     root = cache_root(cfg.dataset_prepared_path)
     build = functools.partial(_build_files, cfg, task=task, codec=codec, num_labels=num_labels,
-                              template=template, hf_cache=root / "hf", key=key)
+                              template=template, key=key)
     data, meta = prepared(root, key, build, timeout_s=timeout_s)
     meta["stats"]["cache"] = str(root / key)
     return data, meta
 
 
-def _build_files(cfg: DataConfig, *, task: str, codec: Codec, num_labels: int, template: str | None, hf_cache,
+def _build_files(cfg: DataConfig, hf_cache, *, task: str, codec: Codec, num_labels: int, template: str | None,
                  key: str):
     import datasets
 

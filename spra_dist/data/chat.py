@@ -80,17 +80,18 @@ def normalise(prep: Prep, row: int, messages) -> list[dict]:
                       "give a non-empty list of {role, content} objects")
     talk = []
     for j, message in enumerate(messages):
+        nth = f"message {j + 1} of {len(messages)}"
         if not isinstance(message, dict) or prep.role_key not in message or prep.content_key not in message:
             keys = ", ".join(message) if isinstance(message, dict) else type(message).__name__
-            raise bad_row(prep, row, f"message {j} has no {prep.role_key!r}/{prep.content_key!r} (it has {keys})",
+            raise bad_row(prep, row, f"{nth} has no {prep.role_key!r}/{prep.content_key!r} (it has {keys})",
                           "map the keys with column_map: {role: <key>, content: <key>}")
         name, content = message[prep.role_key], message[prep.content_key]
         role = prep.roles.get(name)
         if role is None:
-            raise bad_row(prep, row, f"message {j} has unknown role {name!r}",
+            raise bad_row(prep, row, f"{nth} has unknown role {name!r}",
                           f"map it to one of {', '.join(ROLES)}, e.g. roles: {{assistant: [{name}]}}")
         if not isinstance(content, str):
-            raise bad_row(prep, row, f"message {j} content is {type(content).__name__}, not a string",
+            raise bad_row(prep, row, f"{nth} content is {type(content).__name__}, not a string",
                           "give every message's content as a string")
         talk.append({"role": role, "content": content})
     return talk
@@ -110,8 +111,8 @@ def trained_ranges(prep: Prep, row: int, talk: list[dict]) -> tuple[str, list[tu
             head = render(template, talk[:i], codec=codec, add_generation_prompt=True)
             at = len(head) if upto.startswith(head) else -1
         if not (text.startswith(upto) and upto.startswith(before)) or at < 0:
-            raise bad_row(prep, row, f"the chat template does not render turn {i} as a prefix of the "
-                          "conversation, so its trained tokens cannot be found",
+            raise bad_row(prep, row, f"the chat template does not render turn {i + 1} of {len(talk)} as a prefix "
+                          "of the conversation, so its trained tokens cannot be found",
                           "use data.chat_template=chatml or a template that renders turn by turn")
         end = len(upto.rstrip())
         if end > at:

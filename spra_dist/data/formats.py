@@ -49,7 +49,8 @@ class Prep:
 
 
 def bad_row(prep: Prep, row: int, problem: str, fix: str) -> ValueError:
-    return ValueError(f"{prep.where} row {row}: {problem}; {fix}")
+    """The error for the entry's row ``row`` (0-based index; the message counts from 1, as editors do)."""
+    return ValueError(f"{prep.where} row {row + 1} (1-based): {problem}; {fix}")
 
 
 def check_text(prep: Prep, row: int, column: str, value, *, optional: bool = False) -> str:

@@ -1,6 +1,6 @@
 """Rows from local files through HF ``datasets``, offline: one DatasetEntry -> one ``datasets.Dataset``.
 
-    ds = load_entry(entry, where="data.datasets[0]", cache_dir=root / "hf")
+    ds = load_entry(entry, where="data.datasets[0]", cache_dir=scratch)   # datasets' own files go there
     train, evals = hold_out(ds, val_set_size=0.05)
 
 The format comes from the file extension; a ``save_to_disk`` directory is read with ``load_from_disk``.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +89,10 @@ def load_entry(entry: DatasetEntry, *, where: str, cache_dir: Path):
             raise ValueError(f"{where}: {str(empty[0])!r} is empty; give a file with rows, or drop it from the entry")
         kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
         try:
-            ds = datasets.load_dataset("csv" if fmt == "tsv" else fmt, data_files={"train": [str(f) for f in files]},
-                                       split=entry.split, cache_dir=str(cache_dir), **kwargs)
+            with _quiet("datasets.packaged_modules.json.json"):  # its parse error: we name the file and line
+                ds = datasets.load_dataset("csv" if fmt == "tsv" else fmt, split=entry.split,
+                                           data_files={"train": [str(f) for f in files]}, cache_dir=str(cache_dir),
+                                           **kwargs)
         except (ValueError, KeyError) as err:
             if "corresponds to no data" in str(err):
                 raise ValueError(f"{where}: split {entry.split!r} of {entry.path!r} is empty; check the file and the "
@@ -101,6 +105,11 @@ def load_entry(entry: DatasetEntry, *, where: str, cache_dir: Path):
                                  "split, train, sliced like train[:90%] or train[100:200]") from None
             raise ValueError(f"{where}.path={entry.path!r} could not be read as {fmt}: {err}") from None
         except Exception as err:  # pyarrow and pandas parse errors have many types; say which file failed
+            bad = first_bad_json_line(files) if fmt == "json" else None
+            if bad:
+                raise ValueError(f"{where}: {bad}; fix or remove that line") from None
+            while err.__cause__ is not None:  # datasets wraps the parser's error in DatasetGenerationError
+                err = err.__cause__
             first = (str(err).splitlines() or [""])[0][:300]
             raise ValueError(f"{where}.path={entry.path!r} could not be read as {fmt} ({type(err).__name__}"
                              f"{': ' + first if first else ''}); fix the file") from None
@@ -111,6 +120,17 @@ def load_entry(entry: DatasetEntry, *, where: str, cache_dir: Path):
         raise ValueError(f"{where}: split {entry.split!r} of {entry.path!r} is empty; check the file and the "
                          "split's slice")
     return ds
+
+
+@contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _from_disk(path: Path, entry: DatasetEntry, where: str):
@@ -139,6 +159,48 @@ def _from_disk(path: Path, entry: DatasetEntry, where: str):
     return ds
 
 
+def first_bad_json_line(files: list[Path]) -> str | None:
+    """``'<file>' line N is not valid JSON (<why>)`` for the first bad line of ``files`` (lines count from 1),
+    or None when every file parses.
+
+    A file is read as JSON Lines unless it opens with ``[`` or its first line is not a whole JSON value (one
+    document spread over lines): those are parsed whole, and the parser's line is reported."""
+    for path in files:
+        lines = path.read_bytes().splitlines()
+        head = next((i for i, line in enumerate(lines) if line.strip()), None)
+        if head is None:
+            continue
+        if not lines[head].lstrip().startswith(b"[") and _json_error(lines[head]) is None:
+            for i, line in enumerate(lines[head:], start=head + 1):
+                why = _json_error(line) if line.strip() else None
+                if why:
+                    return f"{str(path)!r} line {i} is not valid JSON ({why})"
+            continue
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[:err.start].count(b"\n") + 1
+            return f"{str(path)!r} line {line} is not UTF-8 text ({err.reason})"
+        except json.JSONDecodeError as err:
+            return f"{str(path)!r} line {err.lineno} is not valid JSON ({err.msg}, column {err.colno})"
+    return None
+
+
+def _json_error(line: bytes) -> str | None:
+    try:
+        json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text: {err.reason} at byte {err.start + 1}"
+    except json.JSONDecodeError as err:
+        return f"{err.msg}, column {err.colno}"
+    return None
+
+
+def user_columns(ds) -> list[str]:
+    """The data set's columns less our own bookkeeping ones (``__row__``), for messages."""
+    return [c for c in ds.column_names if not (c.startswith("__") and c.endswith("__"))]
+
+
 def apply_column_map(ds, entry: DatasetEntry, where: str):
     """Rename the data set's columns to ours; role and content name keys inside messages, not columns."""
     renames = {theirs: ours for ours, theirs in entry.column_map.items()
@@ -146,7 +208,7 @@ def apply_column_map(ds, entry: DatasetEntry, where: str):
     missing = [theirs for theirs in renames if theirs not in ds.column_names]
     if missing:
         raise ValueError(f"{where}.column_map names column {missing[0]!r}, which {entry.path!r} does not have; "
-                         f"its columns are {', '.join(ds.column_names)}")
+                         f"its columns are {', '.join(user_columns(ds))}")
     clash = [ours for ours in renames.values() if ours in ds.column_names and ours not in renames]
     if clash:
         ds = ds.remove_columns(clash)  # the mapped column replaces one that already had our name
@@ -157,7 +219,7 @@ def require_columns(ds, columns: list[str], *, where: str, type_: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(f"{where} (type {type_}) has no column {', '.join(map(repr, missing))}; its "
-                         f"columns are {', '.join(ds.column_names)}; rename with column_map, e.g. "
+                         f"columns are {', '.join(user_columns(ds))}; rename with column_map, e.g. "
                          f"column_map: {{{missing[0]}: <your column>}}")
 
 
@@ -165,9 +227,9 @@ def row_ranks(ds) -> np.ndarray:
     """A number in [0, 1) per row fixed by its content alone: the held-out split never depends on a seed,
     and duplicate rows land on the same side."""
     out = np.empty(len(ds), dtype=np.float64)
-    pos = 0
+    pos, names = 0, set(user_columns(ds))
     for batch in ds.iter(batch_size=10_000):
-        cols = [c for c in batch if c != "__row__"]  # the row number would split duplicates
+        cols = [c for c in batch if c in names]  # not the row number: it would split duplicates
         for i in range(len(batch[cols[0]])):
             text = json.dumps([batch[c][i] for c in cols], default=str, ensure_ascii=False)
             out[pos] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2**64
