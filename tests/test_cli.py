@@ -75,6 +75,27 @@ def test_inspect_prints_layers_and_totals(tiny_run, capsys):
     assert f"{(adapter / 'adapter.safetensors').stat().st_size:,} bytes" in out
 
 
+def test_inspect_accepts_a_run_directory(tiny_run, capsys):
+    """``spra inspect runs/x`` describes runs/x/adapter, the same as naming the adapter itself."""
+    assert main(["inspect", str(tiny_run / "adapter")]) == 0
+    direct = capsys.readouterr().out
+    assert main(["inspect", str(tiny_run)]) == 0
+    assert capsys.readouterr().out == direct
+    assert direct.startswith(f"adapter:      {tiny_run / 'adapter'}\n")
+
+
+def test_version_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    import spra_dist
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"spra {spra_dist.__version__}\n"
+    assert spra_dist.__version__ == version("spra_dist")  # the one pyproject.toml gives
+
+
 def _merge_and_compare(run: Path, merged: Path, model_class, input_ids: torch.Tensor, extra: list[str]) -> None:
     """Merge ``run``'s adapter into ``merged`` (outside the run: merge refuses to write into it), compare logits."""
     assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(merged), *extra]) == 0

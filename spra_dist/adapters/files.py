@@ -27,7 +27,7 @@ from spra_dist.core.quantized import describe
 from spra_dist.core.registry import DEFAULT_NAME, NamedAdapter, find_registry, spra_config
 from spra_dist.distributed.group import on_rank0
 from spra_dist.distributed.tensors import full_tensor, global_shape, is_sharded, set_full, unwrap
-from spra_dist.utils.atomic import atomic_files, read_verified_json, sha256_file, write_safetensors
+from spra_dist.utils.atomic import atomic_files, committed_file, read_verified_json, sha256_file, write_safetensors
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -122,6 +122,16 @@ def _write_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
         write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "spra_format": FORMAT})
         config["adapter_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def adapter_in(path: str | os.PathLike) -> Path:
+    """The adapter directory that ``path`` names: ``path`` itself, or ``path/adapter`` when ``path`` is a run
+    directory (``spra train``'s ``output_dir``) with an adapter inside and none of its own."""
+    path = Path(path)
+    inner = path / "adapter"
+    if not committed_file(path, CONFIG_NAME).exists() and committed_file(inner, CONFIG_NAME).exists():
+        return inner
+    return path
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[dict, Path]:

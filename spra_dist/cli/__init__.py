@@ -63,10 +63,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spra_dist import __version__
+
     parser = _Parser(prog="spra", description="Sparse Random Parameter Adaptation (SpaRA).")
     # The deepspeed launcher puts --local_rank=N right after the module name (before the command) unless
     # given --no_local_rank; ranks come from the environment, so it is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model with SpaRA from a YAML config")
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(run=cmd_preprocess)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
-    inspect.add_argument("adapter", metavar="ADAPTER_DIR")
+    inspect.add_argument("adapter", metavar="ADAPTER_DIR",
+                         help="an adapter directory, or a run directory (spra train's output_dir) that holds adapter/")
     inspect.set_defaults(run=cmd_inspect)
 
     merge = commands.add_parser("merge", help="fold an adapter (or a weighted sum of several) into its base and "
@@ -172,12 +176,13 @@ def show_example(example: dict, codec, *, index: int) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from spra_dist.adapters.files import read_adapter_config
+    from spra_dist.adapters.files import adapter_in, read_adapter_config
 
-    config, weights = read_adapter_config(args.adapter)
+    adapter = adapter_in(args.adapter)
+    config, weights = read_adapter_config(adapter)
     base = config.get("base_model") or {}
     layers = config["layers"]
-    print(f"adapter:      {Path(args.adapter)}")
+    print(f"adapter:      {adapter}")
     print(f"base model:   {base.get('name_or_path')} ({base.get('class')})")
     print(f"mask_version: {config.get('mask_version')}")
     print(f"seed:         {config.get('seed')}")
