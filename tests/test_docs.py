@@ -316,6 +316,41 @@ def test_code_paths_named_in_the_docs_exist():
     assert missing == []
 
 
+# Where a command or snippet of the docs writes: output_dir=, --out, --json, save_adapter / save_pretrained targets.
+WRITES = re.compile(r"""(?:\boutput_dir\s*=\s*|--out[ =]|--json[ =]|save_adapter\([^,\n]+,\s*|save_pretrained\()"""
+                    r"""["']?(?P<path>[\w.-]+(?:/[\w.<>-]+)*)""")
+DEFAULT_RUN = re.compile(r"spra train --config \S*?(?P<name>[\w-]+)\.yaml")  # output_dir defaults to runs/<name>
+
+
+def written_paths() -> set[str]:
+    """The paths in the checkout that the fenced commands and snippets of README.md and docs/ write."""
+    paths = set()
+    for page in doc_pages():
+        for block in split_page(page)[0]:
+            if block.lang not in RUN:
+                continue
+            for line in block.code.splitlines():
+                paths |= {m["path"] for m in WRITES.finditer(line) if not m["path"].startswith(("/", "~"))}
+                if "output_dir" not in line:
+                    paths |= {f"runs/{m['name']}" for m in DEFAULT_RUN.finditer(line)}
+    return paths
+
+
+def test_gitignore_covers_what_the_docs_write():
+    """Nothing a documented command writes shows up as a change in the checkout: runs/, merged/, out/ ..."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: .gitignore only matters in one")
+    paths = sorted(written_paths())
+    assert {"runs/minilm_rotten_tomatoes", "merged/minilm", "out/adapter"} <= set(paths)  # the README's own
+    # A file inside each: a pattern such as `runs/` matches directories only, and these need not exist yet.
+    probes = [f"{path}/adapter_config.json" for path in paths]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(probes),
+                          capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    ignored = set(proc.stdout.splitlines())
+    assert [path for path, probe in zip(paths, probes, strict=True) if probe not in ignored] == []
+
+
 def test_slug_is_githubs():
     assert slug("Set up, test, demo") == "set-up-test-demo"
     assert slug("`spra inspect`, `spra merge`, `spra generate`") == "spra-inspect-spra-merge-spra-generate"
