@@ -152,3 +152,52 @@ def test_nonfinite_stop_saves_the_last_good_state(tmp_path):
     assert f"exitcode  : {EXIT_NONFINITE}" in proc.stderr or "exitcode: 3" in proc.stderr.replace("  ", " ")
     assert (tmp_path / "checkpoints" / "step-00000002" / "state.safetensors").is_file()
     assert not (tmp_path / "adapter").exists()
+
+
+def _shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU allreduce buffers of the job on ``port`` (spra_dist.distributed.deepspeed.SHM_BUFFER)."""
+    import os
+
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
+def test_deepspeed_jobs_leave_no_shared_memory(tmp_path, monkeypatch):
+    """DeepSpeed's CPU allreduce keeps a 66 MiB buffer per rank in /dev/shm that it never removes: none is left
+    after a finished launch/deepspeed.sh job, nor after one whose rank 1 was killed (kill -9) mid-run. The finished
+    job prints its closing lines once (rank 0 only)."""
+    import os
+
+    from spra_dist.distributed.group import free_port
+
+    ports = [free_port(), free_port()]
+    try:
+        monkeypatch.setenv("MASTER_PORT", str(ports[0]))  # deepspeed.sh takes it: the buffers' names hold it
+        out = tmp_path / "finished"
+        proc = subprocess.run(stress.command("zero2", "deepspeed", out, "max_steps=2", "eval_every=0"), cwd=ROOT,
+                              env=stress.env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert _shm_buffers(ports[0]) == []
+        closing = [line for line in proc.stdout.splitlines() if line.startswith(("perplexity: ", "adapter: "))]
+        assert len(closing) == 2 and closing[1] == f"adapter: {out / 'adapter'}", proc.stdout[-3000:]
+
+        monkeypatch.setenv("MASTER_PORT", str(ports[1]))
+        out = tmp_path / "killed"
+        job = stress.start("zero2", "deepspeed", out, "max_steps=2000")
+        try:
+            stress.wait_for_step(out / "metrics.jsonl", 2, job)
+            rank1 = stress.rank_pids(job.pid)[1]
+            # The buffers were made and are in use (mapped, their names already removed), so the check below
+            # is not vacuous.
+            maps = Path(f"/proc/{rank1}/maps").read_text()
+            assert f"_{ports[1]}_0 (deleted)" in maps and f"_{ports[1]}_1 (deleted)" in maps, maps[-2000:]
+            os.kill(rank1, signal.SIGKILL)
+            log, _ = job.communicate(timeout=120)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+        assert job.returncode != 0, log[-3000:]
+        assert _shm_buffers(ports[1]) == []
+    finally:
+        for path in _shm_buffers(ports[0]) + _shm_buffers(ports[1]):  # only after a failure: don't fill the RAM
+            path.unlink(missing_ok=True)

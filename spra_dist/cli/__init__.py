@@ -120,10 +120,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # errors in the config surface before the slow imports
     import datasets
 
+    from spra_dist.distributed.group import launched_rank
     from spra_dist.train.recipe import train
 
     datasets.disable_progress_bars()
     summary = train(cfg)
+    if launched_rank() != 0:  # every rank holds the same summary: one prints it
+        return 0
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     print(f"{metric}: {summary[f'{metric}_before']:.4f} -> {summary[f'{metric}_after']:.4f}  "
           f"({summary['steps']} steps, {summary['wall_time_s']:.1f} s)")

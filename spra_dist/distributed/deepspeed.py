@@ -18,12 +18,15 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from spra_dist.distributed.devices import to_device
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 PRESETS = files("spra_dist.distributed") / "presets"
+# DeepSpeed's CPU allreduce buffer of one rank: deepspeed/ops/csrc/cpu/comm/shm.cpp, shm_initialize.
+SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 
 @dataclass
@@ -151,8 +154,40 @@ def fill_deepspeed_config(config: dict, *, batch_size: int, grad_accum: int, wor
 def build_deepspeed_engine(model: nn.Module, make_optimizer, make_scheduler, *, config: dict) -> DeepSpeedEngine:
     import deepspeed
 
+    start_deepspeed_comm()
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer)
     ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                   config=config)
     return DeepSpeedEngine(ds, model, ds_optimizer, scheduler, config=config)
+
+
+def start_deepspeed_comm() -> None:
+    """Start DeepSpeed's comm layer on the torch group already joined (a collective: every rank calls it), then
+    remove this rank's shared-memory buffer name (:func:`release_shared_memory`). Calling it again is harmless."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    release_shared_memory()
+
+
+def shm_buffer_path(rank: int | None = None) -> Path:
+    """The file of rank ``rank``'s (default: this rank's) DeepSpeed CPU allreduce buffer in this job."""
+    rank = dist.get_rank() if rank is None else rank
+    return Path(SHM_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                  port=os.environ.get("MASTER_PORT", ""), rank=rank))
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's DeepSpeed CPU allreduce buffer once every rank has mapped it (a collective).
+
+    When every rank of a job runs on one host and the launcher sets ``LOCAL_SIZE`` (DeepSpeed's own does), each
+    rank creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MiB) and maps every
+    peer's while DeepSpeed's comm starts. DeepSpeed 0.19 never unlinks them (its ``shared_close`` is never
+    called), so each job left them in RAM, finished or killed. No rank opens one again after the start, so once
+    every rank is past it (the barrier) the names can go: the mappings stay valid, and the kernel frees the memory
+    when the last rank exits, however the job ends. launch/deepspeed.sh removes what a rank killed before this
+    point left."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    shm_buffer_path().unlink(missing_ok=True)

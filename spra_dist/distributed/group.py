@@ -36,6 +36,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher announced it (``RANK``; 0 alone). Still right after :func:`shutdown`,
+    when :func:`world` says ``(0, 1)``."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(*, backend: str | None = None, timeout_s: int = 600, group: bool = False) -> tuple[int, int]:
     """Join the group the launcher set up (no-op for a single process) and prove it is one group.
 

@@ -40,6 +40,7 @@ from torch import nn
 from spra_dist.core.layer import SpraLinear
 from spra_dist.core.model import dense_parameter_names, reset_spra_parameters
 from spra_dist.core.quantized import fill_nf4_rows, is_nf4, nf4_on_meta_for
+from spra_dist.distributed.deepspeed import start_deepspeed_comm
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -170,7 +171,7 @@ def load_zero3(model: nn.Module, plan: LoadPlan, *, config: dict) -> None:
 
     # zero.Init reads the world size from DeepSpeed's own comm layer, which deepspeed.initialize would start only
     # later: without it the config's batch check sees a world of one and fails.
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    start_deepspeed_comm()
     names = {id(p): name for name, p in model.named_parameters()}
     dtype = _zero3_dtype(config)
     staging = torch.empty(0, dtype=torch.uint8, device=plan.device)
