@@ -202,6 +202,23 @@ def test_merge_refuses_a_model_in_out_before_loading_or_writing(run, tmp_path, c
     assert tree_hash(tmp_path) == before  # nothing written, no hidden folder made
 
 
+def test_merge_refuses_an_out_it_cannot_write_before_loading(run, tmp_path, capsys, monkeypatch):
+    """A folder it may not write into (os.access says so even to root, who would pass a chmod) is refused before
+    the base is loaded, with exit 74 and the folder named."""
+    import spra_dist.adapters.export as export
+
+    def never(*args, **kwargs):
+        raise AssertionError("spra merge loaded the base for an output it cannot write")
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(export, "load_base", never)
+    monkeypatch.setattr(export.os, "access", lambda path, mode: Path(path) != locked)
+    code, err = merge(["--adapter", str(run / "adapter"), "--out", str(locked / "merged")], capsys)
+    assert code == 74 and f"cannot write {locked}: Permission denied" in err, err
+    assert list(locked.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["adapter", "run", "inside_run", "above_run"])
 def test_merge_refuses_outputs_over_the_run(run, where, capsys):
     out = {"adapter": run / "adapter", "run": run, "inside_run": run / "merged", "above_run": run.parent}[where]

@@ -1,10 +1,12 @@
 """Storage faults: a kill during a checkpoint write, a full disk, a file-size limit, a damaged file, a repeated
-command. The previous complete state always survives, resumable, and errors are one line naming the file."""
+command, a resume that would change or replace a run. The previous complete state always survives, resumable, and
+errors are one line naming the file or the setting."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +193,70 @@ def test_a_repeated_run_does_not_overwrite_the_adapter(tiny_run_copy, capsys):
     err = capsys.readouterr().err
     assert "already holds the adapter of an earlier run" in err and "overwrite=true" in err
     assert tree_hash(tiny_run_copy) == before
+
+
+def test_resume_without_a_checkpoint_refuses_a_finished_adapter(tiny_run_copy, capsys):
+    run = tiny_run_copy
+    shutil.rmtree(run / "checkpoints")  # checkpoint_every=0, the default, leaves none
+    before = tree_hash(run)
+    assert main(train_argv(run, steps=2, extra=("resume=auto", "lr=0.5"))) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run" in err and "no checkpoint" in err and "overwrite=true" in err, err
+    assert tree_hash(run) == before
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_or_an_adapter_starts_fresh(tmp_path):
+    run = tmp_path / "run"
+    assert main(train_argv(run, steps=1, extra=("resume=auto",))) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] is None and summary["steps"] == 1
+
+
+def test_resume_with_other_settings_is_refused_naming_each(tiny_run_copy, capsys):
+    run = tiny_run_copy
+    before = tree_hash(run)
+    argv = train_argv(run, extra=("resume=auto", "lr=0.5", "schedule=linear", "seed=7", "spra.lora_rank=4",
+                                  "data.train_size=256", "engine=none", "log_every=1"))  # the last two may change
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for changed in ("lr=0.5 (checkpoint: 0.03)", "schedule=linear (checkpoint: cosine)", "seed=7 (checkpoint: 0)",
+                    "spra.lora_rank=4 (checkpoint: 8)", "data.train_size=256 (checkpoint: 512)"):
+        assert changed in err, (changed, err)
+    assert "engine" not in err.split("settings:")[1] and "log_every" not in err
+    assert main(train_argv(run, steps=2, extra=("resume=auto",))) == 2  # max_steps below the checkpoint's
+    assert "max_steps=2 (the checkpoint's run: 6, checkpoint at step 6" in capsys.readouterr().err
+    assert tree_hash(run) == before
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_run_copy, capsys):
+    run = tiny_run_copy
+    before = tree_hash(run)
+    assert main(train_argv(run, extra=("resume=auto",))) == 0
+    assert f"the run finished at step {STEPS}; nothing changed" in capsys.readouterr().out
+    assert tree_hash(run) == before
+
+
+@pytest.mark.slow
+def test_resume_extends_max_steps_and_metrics_never_step_back(tiny_run_copy, capsys, monkeypatch):
+    """Resumed from step 3 of the 6-step run: the lines of steps 4..6 move to metrics.superseded.jsonl, and the
+    log and the plot go 0 .. 3, then on to the new max_steps."""
+    from spra_dist.train import recipe
+
+    run, resumed = tiny_run_copy, 3
+    for later in range(resumed + 1, STEPS + 1):
+        shutil.rmtree(run / "checkpoints" / f"step-{later:08d}")
+    plotted = []
+    monkeypatch.setattr(recipe, "plot_loss", lambda records, *a, **kw: plotted.extend(records))
+    old = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert main(train_argv(run, steps=STEPS + 2, extra=("resume=auto",))) == 0
+    out = capsys.readouterr().out
+    assert f"extending the run in {run} from max_steps={STEPS} to {STEPS + 2} (resuming at step {resumed}" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == STEPS + 2, steps
+    assert [r["step"] for r in plotted] == steps
+    superseded = [json.loads(line) for line in (run / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert superseded == [r for r in old if r["step"] > resumed] and superseded
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@
     spra generate --adapter runs/debug_tiny_llama/adapter "To be, or not" --compare
 
 A mistake in the input (bad key, missing file, wrong value) ends with one ``error: ...`` line on stderr and
-exit status 2; a write that fails (full disk, file-size limit, no permission) with one line and status 74.
+exit status 2; a write that fails (full disk, file-size limit, no permission) with one line and status 74; a
+preemption signal with ``stopped at step N (SIGTERM); checkpoint ...; rerun with resume=auto`` and status 75.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _run(args: argparse.Namespace) -> int:
         code = getattr(err, "exit_code", None)
         if code is None:
             raise
+        from spra_dist.train.guard import Preempted
+
+        if isinstance(err, Preempted):  # not a failure: the run is saved, and a rerun continues it
+            print(str(err), file=sys.stderr)
+            return code
         return _fail(str(err), code)
 
 
@@ -125,6 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     summary = train(cfg)
+    if summary.get("already_finished"):
+        print(f"{cfg.output_dir}: the run finished at step {summary['steps']}; nothing changed (raise max_steps "
+              f"to train further, or pass overwrite=true to start over)")
+        return 0
     if launched_rank() != 0:  # every rank holds the same summary: one prints it
         return 0
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"

@@ -76,8 +76,9 @@ def is_collective_failure(err: BaseException) -> bool:
     return any(word in text for word in ("timed out", "timeout", "connection", "broken pipe", "peer", "gloo"))
 
 
-def explain(err: BaseException, *, probe_timeout_s: float = 10.0) -> RankLost:
-    """A :class:`RankLost` naming the rank(s) that did not answer a monitored barrier, with gloo's error."""
+def explain(err: BaseException, *, probe_timeout_s: float = 10.0, advice: str = "restart it") -> RankLost:
+    """A :class:`RankLost` naming the rank(s) that did not answer a monitored barrier, with gloo's error.
+    ``advice``: what to do next, from what is on disk (the recipe says whether a checkpoint exists)."""
     rank, size = dist.get_rank(), dist.get_world_size()
     first = " ".join(str(err).split())[:300]
     group = _MONITOR.get("group")
@@ -93,8 +94,8 @@ def explain(err: BaseException, *, probe_timeout_s: float = 10.0) -> RankLost:
         except RuntimeError as probe:
             lost = _lost_ranks(str(probe), rank=rank)
     return RankLost(f"rank {rank} of {size}: a collective failed because another rank died, hung or stopped; "
-                    f"{lost}. gloo said: {first}. The job ends here: restart it (resume=auto continues from the "
-                    f"last checkpoint); raise dist_timeout_s only if a step legitimately takes that long")
+                    f"{lost}. gloo said: {first}. The job ends here: {advice}; raise "
+                    f"dist_timeout_s only if a step legitimately takes that long")
 
 
 def _lost_ranks(message: str, *, rank: int) -> str:

@@ -2,10 +2,10 @@
 
 A checkpoint is ``output_dir/checkpoints/step-NNNNNNNN/`` holding ``state.safetensors`` (per trainable
 parameter, by its unwrapped name: the full value and the full AdamW moments; the CPU RNG state) and
-``trainer_state.json`` (step, engine, world size, mask seed, a sha256 of the tensors). Values and moments
-are gathered from whatever engine holds them and laid out again by the engine that resumes, so a run
-saved under ZeRO-3 at 4 ranks resumes under FSDP2 at 2 ranks or in one process. Writes are atomic;
-a truncated or foreign checkpoint is refused with an error naming the file.
+``trainer_state.json`` (step, engine, world size, mask seed, the run's config, a sha256 of the tensors). Values
+and moments are gathered from whatever engine holds them and laid out again by the engine that resumes, so a run
+saved under ZeRO-3 at 4 ranks resumes under FSDP2 at 2 ranks or in one process. Writes are atomic; a truncated
+or foreign checkpoint is refused with an error naming the file. What a resume may change: spra_dist.train.resume.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def gather_state(engine) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(engine, output_dir: str | Path, *, step: int, mask_seed: int, keep: int = 2) -> Path:
-    """Gather on every rank, write on rank 0 (atomically), keep the newest ``keep`` checkpoints."""
+def save_checkpoint(engine, output_dir: str | Path, *, step: int, mask_seed: int, keep: int = 2,
+                    config: dict | None = None) -> Path:
+    """Gather on every rank, write on rank 0 (atomically), keep the newest ``keep`` checkpoints. ``config``: the
+    run's settings (``to_dict(cfg)``), which a resume is checked against (spra_dist.train.resume)."""
     tensors = gather_state(engine)
     path = checkpoint_dir(output_dir, step)
 
@@ -64,6 +66,8 @@ def save_checkpoint(engine, output_dir: str | Path, *, step: int, mask_seed: int
             write_safetensors(tensors, tmp / STATE_NAME, metadata={"format": "pt", "spra_format": FORMAT})
             meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": world()[1],
                     "mask_seed": mask_seed, "sha256": sha256_file(tmp / STATE_NAME)}
+            if config is not None:
+                meta["config"] = config
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         for old in sorted(path.parent.glob("step-*"))[:-keep] if keep > 0 else []:  # only after a good write
             remove_files(old, (STATE_NAME, META_NAME))

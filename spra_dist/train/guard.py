@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 
 import torch
 import torch.distributed as dist
@@ -56,7 +55,6 @@ class StepGuard:
     def __init__(self, *, on_nonfinite: str = "stop", max_skips: int = 10) -> None:
         self.on_nonfinite, self.max_skips = on_nonfinite, max_skips
         self.signal_name: str | None = None
-        self.signal_time: float | None = None
         self.skipped = 0
         """Steps dropped for non-finite values, in total."""
         self.skipped_in_a_row = 0
@@ -79,7 +77,7 @@ class StepGuard:
     def _on_signal(self, signum: int, frame) -> None:
         # Only note it: the step in flight (and any collective in it) must finish on every rank.
         if self.signal_name is None:
-            self.signal_name, self.signal_time = signal.Signals(signum).name, time.monotonic()
+            self.signal_name = signal.Signals(signum).name
 
     # ------------------------------------------------------------------ the per-step decision
     def decide(self, *, losses: list[float], grad_norm: float | None) -> bool:
@@ -114,7 +112,6 @@ class StepGuard:
                 f"max_grad_norm or check the data")
 
     def preempted_message(self, step: int, checkpoint) -> str:
-        waited = f" {time.monotonic() - self.signal_time:.1f} s after the signal" if self.signal_time else ""
+        """The one line a preempted run ends with (not an error: the run is saved and continues on a rerun)."""
         what = self.signal_name or "a signal on another rank"
-        return (f"preempted by {what} at step {step}: checkpoint {checkpoint} written{waited}; "
-                f"rerun the same command with resume=auto to continue")
+        return f"stopped at step {step} ({what}); checkpoint {checkpoint}; rerun with resume=auto"

@@ -37,15 +37,16 @@ from spra_dist.distributed.faults import explain, forget_monitor_group, is_colle
 from spra_dist.distributed.group import init_distributed, launched_world_size, on_rank0, shutdown, world
 from spra_dist.distributed.loading import LoadPlan, plan_load
 from spra_dist.distributed.parallelize import parallelize, shards_base
-from spra_dist.train.checkpoint import load_optimizer, load_values, resolve_resume, save_checkpoint
+from spra_dist.train.checkpoint import Checkpoint, load_optimizer, load_values, resolve_resume, save_checkpoint
 from spra_dist.train.config import TrainConfig, to_dict
 from spra_dist.train.eval import evaluate, generate_eval
 from spra_dist.train.guard import NonFiniteError, Preempted, StepGuard
 from spra_dist.train.loop import build_optimizer, build_schedule, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
+from spra_dist.train.resume import check_resume, finished_summary, has_adapter, resume_advice
 from spra_dist.train.trackers import open_tracker
-from spra_dist.utils.atomic import atomic_files, committed_file, write_text_atomic
+from spra_dist.utils.atomic import atomic_files, write_text_atomic
 from spra_dist.utils.pretrained import save_pretrained
 
 SAMPLES_KEPT = 20  # generated answers written to samples.jsonl at each evaluation
@@ -76,7 +77,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     except RuntimeError as err:
         # A peer died or hung: no collective can complete, so skip the goodbye barrier and say who is lost.
         if world_size > 1 and is_collective_failure(err):
-            raise explain(err, probe_timeout_s=min(30, cfg.dist_timeout_s)) from err
+            advice = resume_advice(cfg.output_dir, checkpoint_every=cfg.checkpoint_every, max_steps=cfg.max_steps)
+            raise explain(err, probe_timeout_s=min(30, cfg.dist_timeout_s), advice=advice) from err
         raise
     finally:
         forget_monitor_group()
@@ -90,9 +92,15 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
     check_batch_split(cfg.batch_size, cfg.grad_accum)
     counter = CommCounter.install() if cfg.comm_stats else None  # before DeepSpeed caches the collectives
     out = Path(cfg.output_dir)
-    on_rank0(lambda: check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume))
     started = time.perf_counter()
     ckpt = resolve_resume(cfg.resume, out)
+    on_rank0(lambda: check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, checkpoint=ckpt))
+    if ckpt is not None:
+        resume = check_resume(cfg, ckpt, out)  # every rank reads the same files and decides the same
+        if resume.finished:
+            return finished_summary(out, ckpt.step)
+        if resume.note:
+            on_rank0(lambda: print(resume.note, flush=True))
 
     # fsdp2 and ZeRO-3 shard the base: build it on the meta device, and let each rank load only what it keeps.
     preset = load_deepspeed_config(cfg.deepspeed_config) if engine_name == "deepspeed" else None
@@ -129,7 +137,8 @@ def _train(cfg: TrainConfig, engine_name: str, device: torch.device, rank: int, 
         set_schedule_step(engine.scheduler, start)
 
     tracker = open_tracker(cfg.report_to, out, to_dict(cfg)) if rank == 0 else None
-    log = MetricsLog(out / "metrics.jsonl", append=ckpt is not None, enabled=rank == 0, tracker=tracker)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None, enabled=rank == 0,
+                     tracker=tracker)
     evaluate_now = _evaluator(engine.model, splits, cfg, built.codec, out)
     before = evaluate_now()
     log.write({"step": start, **before})
@@ -252,7 +261,7 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
         saved = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end)
         if saved or (guard.preempt and done < end):
             path = save_checkpoint(engine, cfg.output_dir, step=done, mask_seed=spra_config(engine.model).seed,
-                                   keep=max(cfg.checkpoint_keep, 1))
+                                   keep=max(cfg.checkpoint_keep, 1), config=to_dict(cfg))
         if guard.preempt and done < end:  # every rank agreed on the signal in this step's decision
             bar.close()
             raise Preempted(guard.preempted_message(done, path), step=done)
@@ -266,7 +275,7 @@ def _stop_if_nonfinite(guard: StepGuard, engine, cfg: TrainConfig, step: int) ->
         guard.check_nonfinite(step + 1)
     except NonFiniteError:
         save_checkpoint(engine, cfg.output_dir, step=step, mask_seed=spra_config(engine.model).seed,
-                        keep=max(cfg.checkpoint_keep, 1))
+                        keep=max(cfg.checkpoint_keep, 1), config=to_dict(cfg))
         raise
 
 
@@ -296,16 +305,21 @@ def _evaluator(model: nn.Module, splits: DataSplits, cfg: TrainConfig, codec, ou
     return evaluate_now
 
 
-def check_output_dir(out: Path, *, overwrite: bool, resume: str | None) -> None:
-    """Refuse to train over an earlier run's adapter unless asked to (overwrite=true, or resume=...)."""
+def check_output_dir(out: Path, *, overwrite: bool, resume: str | None, checkpoint: Checkpoint | None = None) -> None:
+    """Refuse to train over an earlier run's adapter unless asked to: overwrite=true, or a resume that found the
+    run's ``checkpoint`` (resume=auto without one would start over)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file; give a directory (it is created if missing)")
-    if overwrite or resume:
+    if overwrite or not has_adapter(out):
         return
     adapter = out / "adapter"
-    if (adapter / "adapter_config.json").exists() or committed_file(adapter, "adapter_config.json").exists():
+    if not resume:
         raise ValueError(f"output_dir {out} already holds the adapter of an earlier run ({adapter}); pass "
                          f"overwrite=true to replace it, resume=auto to continue that run, or another output_dir")
+    if checkpoint is None:
+        raise ValueError(f"resume={resume}: output_dir {out} holds a finished run ({adapter}) and no checkpoint to "
+                         f"continue it from, so this run would start over and replace it; pass overwrite=true to "
+                         f"replace it, or give another output_dir")
 
 
 def save_base_model(built: BuiltModel, path: Path) -> None:

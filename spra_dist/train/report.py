@@ -1,10 +1,11 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per logged step, also sent to ``report_to``), ``loss.png``,
-``summary.json``."""
+``summary.json``; after a resume, ``metrics.superseded.jsonl`` holds the lines the resumed steps replaced."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,18 @@ from spra_dist.utils.atomic import atomic_files, write_text_atomic
 
 class MetricsLog:
     """Appends one JSON line per record, keeps the records for the plot and hands each to the tracker, if any
-    (only rank 0 writes)."""
+    (only rank 0 writes).
 
-    def __init__(self, path: Path, *, append: bool = False, enabled: bool = True, tracker: Tracker | None = None):
+    ``resume_step``: a run resumed from the checkpoint of that step continues the log it left. Lines past that step
+    (written after the checkpoint, by the job that stopped) are moved to ``metrics.superseded.jsonl`` beside it,
+    so the log, and the plot drawn from it, never step back."""
+
+    def __init__(self, path: Path, *, resume_step: int | None = None, enabled: bool = True,
+                 tracker: Tracker | None = None):
         self.path, self.enabled, self.tracker = path, enabled, tracker
         self.records: list[dict[str, Any]] = []
-        if enabled and append and path.is_file():  # a resumed run continues the curve it left
-            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if enabled and resume_step is not None and path.is_file():
+            self.records = _keep_until(path, resume_step)
         elif enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")  # a rerun into the same output_dir starts a fresh log
@@ -38,6 +44,27 @@ class MetricsLog:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+
+
+def superseded_path(path: Path) -> Path:
+    """Where the lines a resume replaced are kept: ``metrics.jsonl`` -> ``metrics.superseded.jsonl``."""
+    return path.with_suffix(".superseded" + path.suffix)
+
+
+def _keep_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records of ``path`` up to ``step``; later ones are appended to the superseded file first, then
+    ``path`` is rewritten atomically, so a crash in between leaves a line in both files, never in neither."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    keep = [r.get("step", 0) <= step for r in records]
+    if all(keep):
+        return records
+    with open(superseded_path(path), "a") as f:
+        f.write("".join(line + "\n" for line, k in zip(lines, keep, strict=True) if not k))
+        f.flush()
+        os.fsync(f.fileno())
+    write_text_atomic(path, "".join(line + "\n" for line, k in zip(lines, keep, strict=True) if k))
+    return [r for r, k in zip(records, keep, strict=True) if k]
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, *, metric: str) -> None:
