@@ -127,9 +127,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import datasets
 
     from spra_dist.distributed.group import launched_rank
+    from spra_dist.train.progress import quiet_library_bars
     from spra_dist.train.recipe import train
 
     datasets.disable_progress_bars()
+    quiet_library_bars()
     summary = train(cfg)
     if summary.get("already_finished"):
         print(f"{cfg.output_dir}: the run finished at step {summary['steps']}; nothing changed (raise max_steps "

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from spra_dist.adapters.base import rebuild_quantized_base
 from spra_dist.adapters.files import load_adapter, read_adapter_config, save_adapter
@@ -43,6 +42,7 @@ from spra_dist.train.eval import evaluate, generate_eval
 from spra_dist.train.guard import NonFiniteError, Preempted, StepGuard
 from spra_dist.train.loop import build_optimizer, build_schedule, set_schedule_step, train_step
 from spra_dist.train.models import BuiltModel, build_model
+from spra_dist.train.progress import progress
 from spra_dist.train.report import MetricsLog, plot_loss, write_summary
 from spra_dist.train.resume import check_resume, finished_summary, has_adapter, resume_advice
 from spra_dist.train.trackers import open_tracker
@@ -225,7 +225,7 @@ def run_steps(engine, splits: DataSplits, cfg: TrainConfig, *, log: MetricsLog, 
     engine.model.train()
     end = cfg.stop_after or cfg.max_steps
     stats: dict[str, Any] = {"last_step": start}
-    bar = tqdm(range(start, end), desc="train", dynamic_ncols=True, disable=world()[0] != 0)
+    bar = progress(range(start, end), desc="train", enabled=world()[0] == 0)  # plain lines when not a terminal
     metrics: dict[str, float] = {}
     window: list[float] = []  # losses since the last log line: the logged loss is their mean
     for step in bar:
