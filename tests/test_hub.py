@@ -101,3 +101,11 @@ def test_a_hub_id_built_on_meta_reads_the_cached_snapshot(hub_cache):
     assert built.model.config._name_or_path == HUB_ID
     assert {path.parent for path in built.base.files.values()} == {hub_cache}
     assert next(built.model.parameters()).is_meta
+
+
+def test_a_hub_id_without_source_hf_is_refused(tmp_path, capsys):
+    """model.name_or_path alone would train the default tiny model and ignore the id: refused, naming the fix."""
+    argv = ["train", "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}", f"model.name_or_path={HUB_ID}"]
+    assert main(argv) == 2
+    assert "add model.source=hf" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

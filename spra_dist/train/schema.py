@@ -49,7 +49,7 @@ class ModelConfig:
 
     name_or_path: str | None = None
     """A local model directory, or a hub id (``org/model``: from the local Hugging Face cache under
-    ``HF_HUB_OFFLINE=1``, downloaded otherwise); for source hf only."""
+    ``HF_HUB_OFFLINE=1``, downloaded otherwise); for source hf only (an error with any other source)."""
 
     task: Task = "causal_lm"
     """classification (sequence classification head) or causal_lm."""
@@ -222,6 +222,9 @@ class TrainConfig:
         if self.model.source == "hf" and not self.model.name_or_path:
             raise ValueError("model.source=hf needs model.name_or_path=<local model directory or hub id, e.g. "
                              "HuggingFaceTB/SmolLM2-135M>")
+        if self.model.name_or_path and self.model.source != "hf":
+            raise ValueError(f"model.name_or_path={self.model.name_or_path!r} is read with model.source=hf only, and "
+                             f"model.source is {self.model.source}: add model.source=hf to train on it")
         if self.model.source in ("minilm", "tiny_bert") and self.model.task != "classification":
             raise ValueError(f"model.source={self.model.source} is an encoder; set model.task=classification")
         if self.model.source == "smollm2" and self.model.task != "causal_lm":
