@@ -154,6 +154,7 @@ def test_python_dash_m_is_the_same_cli(tmp_path):
                                                 "'spra.lora_rank'?"]
 
 
+@pytest.mark.slow
 def test_single_process_run_never_imports_deepspeed(tmp_path):
     """A run that does not use DeepSpeed neither imports it (seconds) nor prints its "Setting accelerator to CPU"
     warning: transformers' save_pretrained (the random base) would have accelerate import it for an isinstance."""

@@ -66,6 +66,7 @@ exec sleep 60
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("end", ["exit", "sigterm"])
 def test_deepspeed_wrapper_removes_its_jobs_shared_memory(end, tmp_path):
     """After DeepSpeed's launcher ends (a rank failed: exit 7; or the wrapper got SIGTERM, which it passes on),
