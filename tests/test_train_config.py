@@ -82,6 +82,30 @@ def test_unknown_key_suggests_nearest(key, nearest):
         load_config(None, [f"{key}=1"])
 
 
+@pytest.mark.parametrize(("key", "ours"), [
+    ("sequence_length", "data.max_length"), ("max_seq_len", "data.max_length"),  # torchtune
+    ("max_seq_length", "data.max_length"), ("learning_rate", "lr"),  # TRL, the HF Trainer
+    ("num_train_epochs", "max_steps"), ("per_device_train_batch_size", "batch_size"),
+])
+def test_other_tools_names_find_ours(tmp_path, key, ours):
+    with pytest.raises(ValueError, match=f"unknown config key '{key}'; did you mean '{ours}'"):
+        load_config(None, [f"{key}=1"])
+    if ours.startswith("data."):  # where a YAML file writes it: inside the data section
+        path = write(tmp_path, f"data:\n  {key}: 1024\n")
+        with pytest.raises(ValueError, match=f"unknown config key 'data.{key}'; did you mean '{ours}'"):
+            load_config(path)
+
+
+def test_other_tools_names_that_count_differently_say_how():
+    with pytest.raises(ValueError, match="did you mean 'max_steps'.*counts optimizer steps, not epochs"):
+        load_config(None, ["num_train_epochs=3"])
+    with pytest.raises(ValueError, match="did you mean 'batch_size'.*the global batch"):
+        load_config(None, ["per_device_train_batch_size=4"])
+    # axolotl's sequence_len and TRL's max_length are accepted as they are
+    assert load_config(None, ["sequence_len=96"]).data.max_length == 96
+    assert load_config(None, ["max_length=80"]).data.max_length == 80
+
+
 def test_unknown_key_in_file_is_rejected(tmp_path):
     path = write(tmp_path, "model:\n  sorce: minilm\n")
     with pytest.raises(ValueError, match="did you mean 'model.source'"):
@@ -233,8 +257,9 @@ def test_override_syntax_errors():
 def test_shipped_configs_load_and_open_with_their_command(path):
     cfg = load_config(path)
     assert cfg.output_dir == str(Path("runs") / path.stem)
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and f"spra train --config configs/train/{path.name}" in first
+    first = path.read_text().splitlines()[0]  # the command that runs it, or the launcher line for several GPUs
+    assert first.startswith("# ") and re.search(rf"(spra train --config|launch/\w+\.sh \w+) configs/train/{path.name}",
+                                                first)
 
 
 # --------------------------------------------------------------------------- batch order and schedule

@@ -1,6 +1,8 @@
 """The ``spra`` command line (also ``python -m spra_dist``).
 
     spra train --config configs/train/debug_tiny_llama.yaml max_steps=5 spra.lora_rank=4
+    spra train --config configs/train/llama3_8b_sft_fsdp2.yaml --dry-run --world-size 8
+    spra config
     spra preprocess --config configs/train/smollm2_sft.yaml --show 2
     spra inspect runs/debug_tiny_llama/adapter
     spra merge --adapter runs/debug_tiny_llama/adapter --out merged/debug_tiny_llama
@@ -62,7 +64,15 @@ def _fail(message: str, code: int) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the CLI's one-line errors (argparse's own add a usage block)."""
+    """argparse with the CLI's one-line errors (argparse's own add a usage block); ``more_help`` adds text that
+    is built only when the help is shown (the config keys, which need the config dataclasses)."""
+
+    def __init__(self, *args, more_help=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.more_help = more_help
+
+    def format_help(self) -> str:
+        return super().format_help() + ("\n" + self.more_help() if self.more_help else "")
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
@@ -78,8 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune a model with SpaRA from a YAML config")
+    train = commands.add_parser("train", help="fine-tune a model with SpaRA from a YAML config",
+                                more_help=_config_keys)
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/train/debug_tiny_llama.yaml")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the plan (k per matrix, trainable share, engine, batch, steps) from the model "
+                            "built on the meta device; reads only the model's config.json and writes nothing")
+    train.add_argument("--world-size", type=int, default=None, metavar="N",
+                       help="with --dry-run: plan for N processes (default: the launcher's WORLD_SIZE, else 1)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides: dotted (spra.lora_rank=4) or a unique leaf name (lora_rank=4)")
     train.set_defaults(run=cmd_train)
@@ -90,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print N training examples token by token, '+' marking the trained ones")
     prep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     prep.set_defaults(run=cmd_preprocess)
+
+    config = commands.add_parser("config", help="list every config key with its default and what it does")
+    config.add_argument("--markdown", action="store_true", help="the full reference as markdown (docs/config.md)")
+    config.set_defaults(run=cmd_config)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR",
@@ -124,6 +144,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from spra_dist.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # errors in the config surface before the slow imports
+    if args.dry_run:
+        from spra_dist.distributed.group import launched_world_size
+        from spra_dist.train.plan import format_plan, plan_run
+
+        print(format_plan(plan_run(cfg, world_size=args.world_size or launched_world_size()), cfg))
+        return 0
     import datasets
 
     from spra_dist.distributed.group import launched_rank
@@ -143,6 +169,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{metric}: {summary[f'{metric}_before']:.4f} -> {summary[f'{metric}_after']:.4f}  "
           f"({summary['steps']} steps, {summary['wall_time_s']:.1f} s)")
     print(f"adapter: {Path(cfg.output_dir) / 'adapter'}")
+    return 0
+
+
+def _config_keys() -> str:
+    from spra_dist.train.reference import text
+
+    return text()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from spra_dist.train.reference import markdown, text
+
+    print(markdown() if args.markdown else text(), end="")
     return 0
 
 

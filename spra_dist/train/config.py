@@ -97,21 +97,33 @@ def resolve_key(key: str) -> str:
         return owners[0]
     if len(owners) > 1:
         raise ValueError(f"key {key!r} is ambiguous; write one of {', '.join(owners)}")
-    bare = {k.split(".")[-1] for k in keys}
-    # Names from other tools, so that their spellings (and typos of them) find ours too.
-    candidates = {k: k for k in keys} | {b: b for b in sorted(bare)} | _SYNONYMS
-    near = difflib.get_close_matches(key.lower(), list(candidates), n=1, cutoff=0.6)
-    if not near:  # a short name (lr) is far from its typos by ratio: compare the key's tail too
-        near = difflib.get_close_matches(key.lower().rsplit(".", 1)[-1], list(candidates), n=1, cutoff=0.6)
-    hint = f"did you mean {candidates[near[0]]!r}?" if near else "see the fields of spra_dist.train.schema.TrainConfig"
-    raise ValueError(f"unknown config key {key!r}; {hint}")
+    raise ValueError(f"unknown config key {key!r}; {_hint(key, keys)}")
+
+
+def _hint(key: str, keys: list[str]) -> str:
+    """The nearest valid key: another tool's name for one of ours first (also inside a section,
+    ``data.sequence_length``), else the closest spelling."""
+    tail = key.lower().rsplit(".", 1)[-1]
+    ours = _SYNONYMS.get(key.lower()) or _SYNONYMS.get(tail)
+    if ours is None:
+        bare = {k.split(".")[-1] for k in keys}
+        # Names from other tools are candidates too, so that typos of their spellings find ours.
+        candidates = {k: k for k in keys} | {b: b for b in sorted(bare)} | _SYNONYMS
+        near = difflib.get_close_matches(key.lower(), list(candidates), n=1, cutoff=0.6)
+        if not near:  # a short name (lr) is far from its typos by ratio: compare the key's tail too
+            near = difflib.get_close_matches(tail, list(candidates), n=1, cutoff=0.6)
+        if not near:
+            return "spra config lists every key"
+        ours = candidates[near[0]]
+    note = _SYNONYM_NOTES.get(ours)
+    return f"did you mean {ours!r}?" + (f" ({note})" if note else "")
 
 
 # Names other tools use for one of our keys, accepted as that key.
 _ALIASES = {"sequence_len": "data.max_length", "data.sequence_len": "data.max_length",
             "val_set_size": "data.val_set_size", "sample_packing": "data.sample_packing"}
 
-# Keys that users of the HF Trainer, PEFT, axolotl and torchtune write for our settings.
+# Keys that users of the HF Trainer, TRL, PEFT, axolotl and torchtune write for our settings.
 _SYNONYMS = {
     "learning_rate": "lr", "num_steps": "max_steps", "max_train_steps": "max_steps",
     "train_batch_size": "batch_size", "global_batch_size": "batch_size",
@@ -124,8 +136,16 @@ _SYNONYMS = {
     "rank": "spra.lora_rank", "r": "spra.lora_rank", "lora_r": "spra.lora_rank",
     "target_modules": "spra.target_modules", "modules_to_save": "spra.trainable_modules",
     "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path",
-    "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "bf16": "mixed_precision",
+    "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "max_seq_len": "data.max_length",
+    "sequence_length": "data.max_length", "max_length": "data.max_length", "seq_len": "data.max_length",
+    "num_train_epochs": "max_steps", "num_epochs": "max_steps", "epochs": "max_steps", "bf16": "mixed_precision",
     "report": "report_to", "tracker": "report_to", "logger": "report_to",
+}
+
+# What to know when another tool's name maps to a key that counts differently.
+_SYNONYM_NOTES = {
+    "max_steps": "spra_dist counts optimizer steps, not epochs",
+    "batch_size": "the global batch over all ranks and micro batches; grad_accum splits it",
 }
 
 

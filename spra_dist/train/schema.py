@@ -158,7 +158,8 @@ class TrainConfig:
     under fsdp2 and deepspeed), or auto: accelerate's setting."""
 
     checkpoint_every: NonNegativeInt = 0
-    """Write a resume checkpoint (O(k): values, AdamW moments, step, RNG) every this many steps; 0: never."""
+    """Write a resume checkpoint (O(k): values, AdamW moments, step, RNG) every this many steps; 0, the default,
+    writes none, so a run that stops early has nothing to resume from."""
 
     checkpoint_keep: NonNegativeInt = 2
     """Resume checkpoints kept in output_dir/checkpoints (the newest ones)."""
