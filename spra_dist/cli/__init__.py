@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from spra_dist.train.config import load_config
 
+    if args.world_size is not None and not args.dry_run:
+        raise ValueError("--world-size plans a --dry-run; a run takes its world size from the launcher")
     cfg = load_config(args.config, args.overrides)  # errors in the config surface before the slow imports
     if args.dry_run:
         from spra_dist.distributed.group import launched_world_size
