@@ -167,7 +167,8 @@ def start_deepspeed_comm() -> None:
     remove this rank's shared-memory buffer name (:func:`release_shared_memory`). Calling it again is harmless."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    # On the group already joined (gloo on CPU); without one, DeepSpeed starts its own with its default backend.
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     release_shared_memory()
 
 
