@@ -24,6 +24,7 @@ from torch import nn
 from spra_dist.data.codec import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB, ByteCodec, Codec, HFCodec
 from spra_dist.demos.packaged import minilm_dir, smollm2_dir
 from spra_dist.distributed.loading import BaseCheckpoint, initial_values
+from spra_dist.train.load_report import from_pretrained, say_new_head, split_missing
 from spra_dist.train.schema import MODEL_SOURCES, ModelConfig
 from spra_dist.utils.hub import model_files, model_source, not_found, read_model_config
 
@@ -151,8 +152,9 @@ def _pretrained(name_or_path: str | Path, cfg: ModelConfig, dtype: torch.dtype, 
             model.config._name_or_path = source  # the adapter records the hub id, not the cache path
             base = BaseCheckpoint.open(files)
             initial = initial_values(model, base)  # here, where from_pretrained draws them: the random stream matches
+            say_new_head(model, split_missing(model, initial)[0])
         else:
-            model = auto.from_pretrained(source, dtype=dtype, **labels)
+            model = from_pretrained(auto, source, dtype=dtype, **labels)  # a new head: one line, not a report
         tokenizer = tf.AutoTokenizer.from_pretrained(source)
     except OSError as err:  # a hub model only partly in the cache, a directory without weights or tokenizer
         raise not_found(source, err, what=what) from None
