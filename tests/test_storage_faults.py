@@ -235,6 +235,14 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_run_copy, capsys):
     assert main(train_argv(run, extra=("resume=auto",))) == 0
     assert f"the run finished at step {STEPS}; nothing changed" in capsys.readouterr().out
     assert tree_hash(run) == before
+    # An adapter of an earlier step (a later job was preempted after its last checkpoint) is not a finished run.
+    from spra_dist.train.config import load_config
+    from spra_dist.train.resume import check_resume
+
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": STEPS - 2}))
+    argv = train_argv(run, extra=("resume=auto",))
+    assert not check_resume(load_config(argv[2], argv[3:]), find_latest(run), run).finished
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@
   naming each key with both values. The settings of one job rather than of the run (engine, devices, logging,
   checkpoints, ``stop_after``; the ``JOB_KEYS``) may change between the jobs of a run.
 - A larger ``max_steps`` extends the run (one line says so); a smaller one is refused.
-- A checkpoint at the run's last step beside the run's adapter is a finished run: nothing is left to do.
+- A checkpoint at the run's last step beside the adapter of that step is a finished run: nothing is left to do.
 - ``resume=auto`` with no checkpoint starts fresh, unless a finished adapter is there: that is refused, since
   starting over would replace it (``overwrite=true`` says to).
 """
@@ -40,7 +40,7 @@ trains (``grad_accum`` splits the same global batch; ``max_steps`` is checked on
 class ResumePlan:
     checkpoint: Checkpoint
     finished: bool
-    """The checkpoint is the run's last step and its adapter is written: nothing to do."""
+    """The checkpoint is the run's last step and the adapter of that step is written: nothing to do."""
     note: str | None = None
     """One line for the user (the run is extended), or None."""
 
@@ -65,8 +65,8 @@ def check_resume(cfg: TrainConfig, ckpt: Checkpoint, out: Path) -> ResumePlan:
                          f"{'; '.join(changed)}. Resume with the checkpoint's values, or start a new run with "
                          f"overwrite=true or another output_dir")
     end = cfg.stop_after or cfg.max_steps
-    if ckpt.step >= end and has_adapter(out):
-        return ResumePlan(ckpt, finished=True)
+    if ckpt.step >= end and has_adapter(out) and _summary(out).get("steps") == ckpt.step:
+        return ResumePlan(ckpt, finished=True)  # the adapter is of this step (summary.json is written after it)
     note = None
     if saved_max is not None and cfg.max_steps > saved_max:
         note = (f"extending the run in {out} from max_steps={saved_max} to {cfg.max_steps} "
@@ -91,12 +91,15 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig, *, mask_seed: int 
 
 def finished_summary(out: Path, step: int) -> dict[str, Any]:
     """The finished run's ``summary.json`` (``{}`` if it has none), marked as found finished at ``step``."""
+    return {**_summary(out), "already_finished": True, "steps": step}
+
+
+def _summary(out: Path) -> dict[str, Any]:
     path = out / "summary.json"
     try:
-        summary = json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
-        summary = {}
-    return {**summary, "already_finished": True, "steps": step}
+        return {}
 
 
 def resume_advice(output_dir: str | Path, *, checkpoint_every: int, max_steps: int) -> str:
