@@ -184,27 +184,6 @@ def test_dpo_reference_is_the_bypassed_policy(bf16, precompute, tmp_path):
     assert torch.equal(log_probs(trainer.ref_model, IDS, bf16=bf16), log_probs(with_fused_head(base), IDS, bf16=bf16))
 
 
-def test_trls_own_trainers_load_a_second_model_for_a_spra_model(tmp_path):
-    """What SpraGRPOTrainer / SpraDPOTrainer avoid: TRL reloads the policy's checkpoint as its reference."""
-    from tiny_models import tiny_tokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    tokenizer = tiny_tokenizer()
-    base, _ = spra_llama(tokenizer)
-    base.save_pretrained(tmp_path / "base")
-    from transformers import AutoModelForCausalLM
-
-    from spra_dist import SpraConfig, apply_spra
-
-    model = apply_spra(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), SpraConfig(lora_rank=2, seed=1234))
-    trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[],
-                                                     max_steps=1), train_dataset=pairs_dataset(),
-                         processing_class=tokenizer)
-    held = sum(p.numel() for p in trainer.ref_model.parameters())
-    assert held == sum(p.numel() for p in base.parameters())  # a whole second model
-    assert dpo(model, tokenizer, tmp_path / "spra", bf16=False).ref_model is not None
-
-
 def test_refusals_name_the_setting():
     from tiny_models import tiny_tokenizer
 
