@@ -161,11 +161,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     datasets.disable_progress_bars()
     quiet_library_bars()
     summary = train(cfg)
+    if launched_rank() != 0:  # every rank holds the same summary: one prints it
+        return 0
     if summary.get("already_finished"):
         print(f"{cfg.output_dir}: the run finished at step {summary['steps']}; nothing changed (raise max_steps "
               f"to train further, or pass overwrite=true to start over)")
-        return 0
-    if launched_rank() != 0:  # every rank holds the same summary: one prints it
         return 0
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     print(f"{metric}: {summary[f'{metric}_before']:.4f} -> {summary[f'{metric}_after']:.4f}  "
