@@ -169,3 +169,12 @@ def test_single_process_run_never_imports_deepspeed(tmp_path):
     assert (tmp_path / "run" / "base_model" / "config.json").is_file()  # the save that used to import it ran
     assert "deepspeed imported: False" in proc.stdout, proc.stdout[-2000:]
     assert "Setting accelerator" not in proc.stdout + proc.stderr
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tiny_run):
+    """``spra inspect runs/x | head -1``: the pipe closes before spra writes; that is no failure to report."""
+    proc = subprocess.Popen([sys.executable, "-m", "spra_dist", "inspect", str(tiny_run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the interpreter has even started
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err

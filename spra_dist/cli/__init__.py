@@ -42,6 +42,9 @@ def _run(args: argparse.Namespace) -> int:
         return args.run(args)
     except ValueError as err:
         return _fail(str(err), EXIT_USAGE)
+    except BrokenPipeError:  # the reader left (spra inspect ... | head): not a failure, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises no second one
+        return 0
     except OSError as err:  # a full disk, a file-size limit, a read-only directory
         from spra_dist.utils.atomic import describe_os_error
 
