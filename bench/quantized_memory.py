@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from bench.proc_memory import reset_peak, rss
 from bench.profile_model import saved_bytes
 from spra_dist.core.quantized import is_bnb_4bit, is_nf4, logical_shape
 
@@ -125,23 +126,6 @@ def held_bytes(weights: Iterator[Tensor] | list[Tensor]) -> dict:
     return {"held": sum(storages.values()), "bf16": 2 * values, "values": values}
 
 
-def _rss(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the steps' peak is measured apart from loading."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _malloc_trim() -> bool:
     """Hand glibc's free heap back to the system (``malloc_trim(0)``); False where there is no glibc."""
     try:
@@ -162,9 +146,9 @@ def measure(arm: str, model_dir: str, *, batch: int, seq: int, steps: int, warmu
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
-    built = _rss("VmRSS")
-    trimmed = _rss("VmRSS") if trim and _malloc_trim() else None
-    reset = _reset_peak()
+    built = rss("VmRSS")
+    trimmed = rss("VmRSS") if trim and _malloc_trim() else None
+    reset = reset_peak()
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -173,7 +157,7 @@ def measure(arm: str, model_dir: str, *, batch: int, seq: int, steps: int, warmu
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    step_peak = _rss("VmHWM") if reset else None
+    step_peak = rss("VmHWM") if reset else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     saved = saved_bytes(lambda: model(input_ids=ids, labels=ids).loss)  # after the peaks are read
     return {"arm": arm, "batch": batch, "seq": seq, "layers": model.config.num_hidden_layers,

@@ -39,29 +39,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from bench.proc_memory import reset_peak, rss
+
 ARMS = {"grpo_trl": "GRPOTrainer", "grpo_spra": "SpraGRPOTrainer", "dpo_trl": "DPOTrainer",
         "dpo_spra": "SpraDPOTrainer"}
 LORA_RANK = 8
 BETA = 0.04
 MIB = 2**20
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _rss(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the steps' peak is measured apart from construction."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def load(model_dir: str):
@@ -137,17 +122,17 @@ def measure(arm: str, model_dir: str, *, steps: int) -> dict:
     """Build the SpaRA model and the arm's trainer in this process, then train ``steps`` steps."""
     start = time.perf_counter()
     model, tokenizer, base_params = load(model_dir)
-    rss_model = _rss("VmRSS")
+    rss_model = rss("VmRSS")
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         t = trainer(arm, model, tokenizer, out, steps=steps, timer=timer)
         build_s = time.perf_counter() - start
         ref = t.ref_model
         ref_params = sum(p.numel() for p in ref.parameters()) if ref is not None else 0
-        rss_built = _rss("VmRSS")
-        reset = _reset_peak()
+        rss_built = rss("VmRSS")
+        reset = reset_peak()
         t.train()
-    step_peak = _rss("VmHWM") if reset else None
+    step_peak = rss("VmHWM") if reset else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arm": arm, "base_params": base_params, "ref_params": ref_params, "ref_type": type(ref).__name__,
             "build_s": build_s, "rss_model": rss_model, "rss_built": rss_built, "step_peak_rss": step_peak,
