@@ -151,8 +151,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 def bypass_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base, bit for bit, as ``disable_adapter`` does, but nothing is
     switched: every SpaRA module skips its values for a while, keeping them, their mask and their optimizer state.
-    It costs a flag per module, so it suits a forward per step (RL's reference model) and works on a model sharded
-    by FSDP2 or ZeRO-3. Refused where the base is not what the modules hold: merged values, or modules the adapter
+    It costs a flag per module, so it suits a forward per step (RL's reference model), and it needs no unsharded
+    model (checked under FSDP2 on 2 ranks: the base's logits bit for bit). Refused where the base is not what the modules hold: merged values, or modules the adapter
     trains densely (``trainable_modules``: use ``disable_adapter`` on the unsharded model)."""
     model = unwrap(model)
     named = spra_layers(model)
