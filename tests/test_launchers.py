@@ -86,6 +86,7 @@ def test_deepspeed_wrapper_removes_its_jobs_shared_memory(end, tmp_path):
               shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.2_{port + 1}_1"]
     env = _env(MASTER_PORT=str(port), END=end)
     env["PATH"] = os.pathsep.join([str(tmp_path), env["PATH"]])
+    env["VIRTUAL_ENV"] = str(tmp_path)  # an active environment: the wrapper then keeps PATH, stand-in first
     try:
         for path in others:
             path.touch()
