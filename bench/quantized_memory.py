@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -45,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench.proc_memory import reset_peak, rss
+from bench.proc_memory import reset_peak, rss, run_fresh
 from bench.profile_model import saved_bytes
 from spra_dist.core.quantized import is_bnb_4bit, is_nf4, logical_shape
 
@@ -53,7 +51,6 @@ ARMS = {"spra_bf16": "SpaRA, bf16 base", "spra_nf4": "SpaRA, NF4 base (torchao)"
         "lora_bnb4": "PEFT LoRA r=8, bnb 4-bit base", "spra_bnb4": "SpaRA, bnb 4-bit base"}
 LORA_RANK = 8
 MIB = 2**20
-REPO = Path(__file__).resolve().parent.parent
 
 
 def load(arm: str, model_dir: str) -> nn.Module:
@@ -171,14 +168,9 @@ def run_arm(arm: str, model_dir: str, *, trim: bool = False, mmap_threshold: int
     machine's load average before it starts."""
     cmd = [sys.executable, "-m", "bench.quantized_memory", "--arm", arm, "--model-dir", model_dir,
            *[f"--{k}={v}" for k, v in sizes.items()], *(["--trim"] if trim else [])]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    if mmap_threshold is not None:  # read by glibc at start-up: blocks above it are mmapped and unmapped on free
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load_before}
+    # read by glibc at start-up: blocks above it are mmapped and unmapped on free
+    threshold = {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
+    return run_fresh(cmd, **threshold)
 
 
 def combine(outs: list[dict]) -> dict:

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,14 +37,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bench.proc_memory import reset_peak, rss
+from bench.proc_memory import reset_peak, rss, run_fresh
 
 ARMS = {"grpo_trl": "GRPOTrainer", "grpo_spra": "SpraGRPOTrainer", "dpo_trl": "DPOTrainer",
         "dpo_spra": "SpraDPOTrainer"}
 LORA_RANK = 8
 BETA = 0.04
 MIB = 2**20
-REPO = Path(__file__).resolve().parent.parent
 
 
 def load(model_dir: str):
@@ -143,12 +140,7 @@ def measure(arm: str, model_dir: str, *, steps: int) -> dict:
 def run_arm(arm: str, model_dir: str, *, steps: int) -> dict:
     """``measure`` in a fresh process (its own peak RSS); the machine's load average before it starts."""
     cmd = [sys.executable, "-m", "bench.rl_reference", "--arm", arm, "--model", model_dir, f"--steps={steps}"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load_before}
+    return run_fresh(cmd)
 
 
 def combine(outs: list[dict]) -> dict:

@@ -54,3 +54,17 @@ def tiny_run_copy(_tiny_run_trained, tmp_path) -> Path:
     """A copy of the shared run at ``tmp_path / "run"``, for the test to change as it likes."""
     _check_unchanged(_tiny_run_trained)
     return Path(shutil.copytree(_tiny_run_trained["run"], tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny causal Llama checkpoint with its tokenizer (a classifier built on it has a head it lacks)."""
+    import transformers as tf
+    from tiny_models import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_base")
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=32, pad_token_id=0)
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -13,20 +13,6 @@ from spra_dist.train.schema import ModelConfig
 HEAD_LINE = "score head newly initialised (the base has none): score.weight"  # and the base's lm_head dropped
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A causal LM checkpoint: a classifier built on it has a head (``score``) the checkpoint lacks."""
-    import transformers as tf
-    from tiny_models import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_base")
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=32, pad_token_id=0)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def reports():
     """The messages transformers logs while a test runs (its loggers do not reach pytest's caplog)."""

@@ -80,19 +80,6 @@ def test_spra_train_on_a_base_loaded_after_sharding(two_ranks, tmp_path):
     assert abs(metrics["eval_loss"] - summary["eval_loss_after"]) < 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    import transformers as tf
-    from tiny_models import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_base")
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=32, pad_token_id=0)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def meta_plan(path: Path, **model):
     from spra_dist import SpraConfig, apply_spra
     from spra_dist.distributed.loading import plan_load
